@@ -1,0 +1,1 @@
+"""WKV-7 operators: a pure-PyTorch reference (CPU, autograd) and CUDA kernels, one dispatch."""
