@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from kernels.dispatch import wkv7, wkv7_step_
 
@@ -294,6 +295,20 @@ class Block(nn.Module):
         self.att = TimeMix(cfg, layer_id)
         self.ffn = ChannelMix(cfg, layer_id)
 
+    def forward(
+        self, x: Tensor, v_first: Tensor | None, att_prev: Tensor | None, ffn_prev: Tensor | None,
+        wkv_state: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """x [B, T, C] -> (x, v_first, last ln1 output [B, C], last ln2 output [B, C], wkv state)."""
+        if self.layer_id == 0:
+            x = self.ln0(x)
+        h = self.ln1(x)
+        att_out, v_first, wkv_state = self.att(h, v_first, att_prev, wkv_state)
+        x = x + att_out
+        h2 = self.ln2(x)
+        x = x + self.ffn(h2, ffn_prev)
+        return x, v_first, h[:, -1], h2[:, -1], wkv_state
+
 
 class RWKV7(nn.Module):
     """The RWKV-7 language model over REMI token ids."""
@@ -305,6 +320,7 @@ class RWKV7(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.grad_checkpointing = False  # trade compute for activation memory in training
         self.reset_parameters()
 
     @torch.no_grad()
@@ -347,19 +363,15 @@ class RWKV7(nn.Module):
         v_first = None
         shifts, wkvs = [], []
         for i, block in enumerate(self.blocks):
-            if i == 0:
-                x = block.ln0(x)
-            h = block.ln1(x)
-            att_out, v_first, wkv = block.att(
-                h, v_first,
-                state.shift[i, 0] if state is not None else None,
-                state.wkv[i] if state is not None else None,
-            )
-            x = x + att_out
-            h2 = block.ln2(x)
-            x = x + block.ffn(h2, state.shift[i, 1] if state is not None else None)
+            args = (x, v_first) + ((state.shift[i, 0], state.shift[i, 1], state.wkv[i])
+                                   if state is not None else (None, None, None))
+            if self.grad_checkpointing and self.training:
+                # Recompute the block in the backward pass instead of keeping its activations.
+                x, v_first, att_last, ffn_last, wkv = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x, v_first, att_last, ffn_last, wkv = block(*args)
             if state is not None:
-                shifts.append(torch.stack([h[:, -1], h2[:, -1]]).float())
+                shifts.append(torch.stack([att_last, ffn_last]).float())
                 wkvs.append(wkv.float())
         x = self.ln_out(x)
         if state is None:
