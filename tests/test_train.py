@@ -104,11 +104,17 @@ def test_train_ddp_two_cpu_processes_keep_identical_weights(prepared, tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          str(script), str(prepared), str(tmp_path / "run"), str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # never leave the worker processes behind
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out[-3000:]
     digests = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert digests[0] == digests[1]
     # the ranks trained on different windows, yet agree, and the weights did move
