@@ -16,7 +16,7 @@ from miditok import REMI, TokenizerConfig
 # Piano-oriented REMI (DESIGN, "Music representation"): the 88 keys, 8 positions per beat,
 # 16 velocity bins, tempo and time-signature tokens, the sustain pedal, no drums, no programs.
 DEFAULT_TOKENIZER_PARAMS: dict[str, Any] = {
-    "pitch_range": [21, 109],  # miditok's range is half-open: A0 (21) .. C8 (108)
+    "pitch_range": [21, 108],  # inclusive: the 88 keys, A0 (21) .. C8 (108)
     "beat_res": {"0_4": 8, "4_12": 4},  # 1/8-beat grid for durations up to 4 beats, 1/4 beyond
     "num_velocities": 16,
     "special_tokens": ["PAD", "BOS", "EOS"],
@@ -27,13 +27,15 @@ DEFAULT_TOKENIZER_PARAMS: dict[str, Any] = {
     "log_tempos": False,
     "use_time_signatures": True,
     # Common meters only: numerator lists per denominator.
-    "time_signature_range": {"4": [1, 2, 3, 4, 5, 6, 7], "8": [3, 5, 6, 7, 9, 12], "2": [2, 3]},
+    # 4/2 matters: most of the Renaissance polyphony in music21's corpus is notated in it.
+    "time_signature_range": {"4": [1, 2, 3, 4, 5, 6, 7], "8": [3, 5, 6, 7, 9, 12], "2": [2, 3, 4]},
     "use_sustain_pedals": True,
     "sustain_pedal_duration": False,
     "use_chords": False,
     "use_rests": False,
     "use_programs": False,
     "use_pitch_bends": False,
+    "use_pitchdrum_tokens": False,  # no drums: keep drum-pitch tokens out of the vocabulary
     "remove_duplicated_notes": True,
     "delete_equal_successive_tempo_changes": True,
     "delete_equal_successive_time_sig_changes": True,

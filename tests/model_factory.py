@@ -9,8 +9,13 @@ import torch
 from model import RWKV7, ModelConfig
 
 
-def random_model(n_layer: int = 2, n_embd: int = 128, vocab_size: int = 380, seed: int = 0,
+def random_model(n_layer: int = 2, n_embd: int = 128, vocab_size: int | None = None, seed: int = 0,
                  scale: float = 0.1) -> RWKV7:
+    """vocab_size defaults to the default REMI vocabulary's size."""
+    if vocab_size is None:
+        from model.vocab import build_tokenizer
+
+        vocab_size = len(build_tokenizer())
     torch.manual_seed(seed)
     model = RWKV7(ModelConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size))
     with torch.no_grad():

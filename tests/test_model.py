@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import CheckpointError, CheckpointMeta, ModelConfig, RWKV7, State, load, read_meta, save
+from model import RWKV7, CheckpointError, CheckpointMeta, ModelConfig, State, load, read_meta, save
 from model.rwkv7 import lora_rank
 from model.vocab import DEFAULT_TOKENIZER_PARAMS, build_tokenizer, vocab_hash
 from tests.model_factory import random_model
@@ -34,7 +34,7 @@ def test_model_config_rejects_bad_head_size():
 
 def test_forward_prefill_and_step_agree():
     model = random_model(n_layer=3, n_embd=128, seed=4)
-    idx = torch.randint(0, 380, (2, 45), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 45), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(idx)
     state = model.init_state(2)
@@ -76,7 +76,7 @@ def test_checkpoint_roundtrip_and_model_id(tmp_path: Path):
     loaded, meta = load(path)
     assert meta.model_id == saved.model_id and len(meta.model_id) == 12
     assert meta.model_config == model.cfg
-    idx = torch.randint(0, 380, (1, 10))
+    idx = torch.randint(0, model.cfg.vocab_size, (1, 10))
     with torch.no_grad():
         assert torch.equal(loaded(idx), model(idx))
     assert len(meta.tokenizer()) == model.cfg.vocab_size

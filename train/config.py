@@ -16,6 +16,7 @@ class TrainConfig:
     data: str = "data/prepared"  # a directory written by `rwkv-music prepare`
     out: str = "runs/default"  # run directory: latest/best/periodic checkpoints, metrics
     max_steps: int = 2000  # optimizer steps
+    max_minutes: float = 0.0  # wall-clock budget: the schedule ends at whichever comes first (0 = off)
     batch_size: int = 8  # windows per step (per process under DDP)
     ctx_len: int = 512  # tokens per window; windows start at bar lines
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -61,6 +62,7 @@ class TrainConfig:
         check_range("train.transpose", self.transpose, 0, 24)
         check_range("train.tempo_jitter", self.tempo_jitter, 0, 16)
         check_range("train.num_threads", self.num_threads, 0, 1024)
+        check_range("train.max_minutes", self.max_minutes, 0.0, 1e7)
 
     def to_dict(self) -> dict:
         return asdict(self)

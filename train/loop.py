@@ -76,12 +76,20 @@ class Distributed:
         return cls(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at cfg.max_steps."""
+def lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at the end of the run: at
+    cfg.max_steps, or when cfg.max_minutes of training time have passed if that comes first."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    progress = run_progress(step, cfg, elapsed)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def run_progress(step: int, cfg: TrainConfig, elapsed: float) -> float:
+    """How far the decay has gone, 0..1, by steps or by the time budget, whichever is further."""
+    by_steps = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    by_time = elapsed / (cfg.max_minutes * 60) if cfg.max_minutes > 0 else 0.0
+    return min(1.0, max(0.0, by_steps, by_time))
 
 
 def param_groups(model: RWKV7, weight_decay: float) -> list[dict]:
@@ -241,7 +249,7 @@ class Trainer:
         """One optimizer step (grad_accum micro-batches). Returns (mean loss, tokens)."""
         cfg = self.cfg
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, cfg) * group["lr_scale"]
+            group["lr"] = lr_at(self.step, cfg, self.elapsed) * group["lr_scale"]
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, total_targets, total_tokens = 0.0, 0, 0
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
@@ -355,6 +363,10 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- run
 
+    def _finished(self) -> bool:
+        budget_over = self.cfg.max_minutes > 0 and self.elapsed >= self.cfg.max_minutes * 60
+        return self.step >= self.cfg.max_steps or budget_over
+
     def _handle_signal(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         log.warning("signal %d: saving at the end of this step, then stopping", signum)
         self.stop_requested = True
@@ -380,7 +392,7 @@ class Trainer:
         val_loss = None
         window_start, window_tokens = time.perf_counter(), 0
         try:
-            while self.step < cfg.max_steps and not self.stop_requested:
+            while not self._finished() and not self.stop_requested:
                 t0 = time.perf_counter()
                 loss, tokens = self.train_step()
                 self.elapsed += time.perf_counter() - t0
@@ -388,18 +400,19 @@ class Trainer:
                 window_tokens += tokens * self.dist.world_size
                 if not math.isfinite(loss):
                     raise TrainError(f"loss became {loss} at step {self.step}; lower train.lr")
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                if self.step % cfg.log_every == 0 or self._finished():
                     rate = window_tokens / max(1e-9, time.perf_counter() - window_start)
                     window_start, window_tokens = time.perf_counter(), 0
                     if self.dist.is_main:
-                        self._log({"step": self.step, "loss": round(loss, 5), "lr": lr_at(self.step - 1, cfg),
+                        self._log({"step": self.step, "loss": round(loss, 5),
+                                   "lr": lr_at(self.step - 1, cfg, self.elapsed),
                                    "tokens_per_s": round(rate, 1), "tokens": self.tokens_seen,
                                    "elapsed_s": round(self.elapsed, 2)})
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
                 if bar is not None:
                     bar.update(1)
-                last = self.step == cfg.max_steps or self.stop_requested
+                last = self._finished() or self.stop_requested
                 if self.step % cfg.eval_every == 0 or last:
                     val_loss = self.evaluate() if self.dist.is_main else None
                     if val_loss is not None:
