@@ -29,3 +29,11 @@ def test_ngram_higher_order_learns_a_repeating_pattern():
     assert nll_tri / n < 0.5 * nll_uni / n
     assert 0.3 < tri.prob([1, 2], 3) < 0.7 and tri.prob([3, 1, 2], 4) > 0.9
     assert -math.log(uni.prob([], 1)) < -math.log(uni.prob([], 7))
+
+
+def test_ngram_with_order_matches_a_model_fitted_at_that_order():
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(0, 6, 80).tolist() for _ in range(10)]
+    full = NGramModel(4, vocab_size=6).fit(seqs)
+    small = NGramModel(2, vocab_size=6).fit(seqs)
+    assert full.with_order(2).nll(seqs) == pytest.approx(small.nll(seqs))

@@ -123,3 +123,17 @@ def test_train_ddp_two_cpu_processes_keep_identical_weights(prepared, tmp_path):
     torch.manual_seed(1337)
     initial = RWKV7(model.cfg)
     assert not torch.equal(initial.blocks[1].att.receptance.weight, model.blocks[1].att.receptance.weight)
+
+
+def test_eval_reports_model_and_ngram_nll(prepared, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli_main(train_cmd(prepared, run, 10)) == 0
+    capsys.readouterr()
+    assert cli_main(["eval", str(run / "latest.safetensors"), str(prepared), "--split", "val", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    model_row, ngram_row = report["results"]
+    assert model_row["name"].startswith("RWKV-7") and "gram" in ngram_row["name"]
+    for row in (model_row, ngram_row):
+        assert 0 < row["nll_per_token"] < 10 and row["tokens"] > 100 and row["notes"] > 10
+        assert row["nll_per_note"] > row["nll_per_token"]  # several tokens per note
+    assert model_row["tokens"] == ngram_row["tokens"]

@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "train.corpus",
     "train.prepare",
     "train.cli",
+    "tools.evaluate",
     "tools.bench",
     "tools.interop",
 ]

@@ -41,6 +41,15 @@ class NGramModel:
         self._unigram_p = (self.unigram + 1) / (self.unigram.sum() + self.vocab_size)
         return self
 
+    def with_order(self, order: int) -> NGramModel:
+        """The same counts used only up to `order` (the tables of lower orders are shared)."""
+        if not 1 <= order <= self.order:
+            raise ValueError(f"order must be 1..{self.order}")
+        view = NGramModel.__new__(NGramModel)
+        view.__dict__.update(self.__dict__)
+        view.order = order
+        return view
+
     def prob(self, history: Sequence[int], token: int) -> float:
         """P(token | the last order-1 tokens of history)."""
         p = float(self._unigram_p[token])
