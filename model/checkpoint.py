@@ -118,10 +118,13 @@ def atomic_write(path: str | Path, write: Any) -> None:
         os.close(dir_fd)
 
 
-def save(model: RWKV7, path: str | Path, meta: CheckpointMeta) -> CheckpointMeta:
+def save(model: RWKV7, path: str | Path, meta: CheckpointMeta,
+         state_dict: dict[str, torch.Tensor] | None = None) -> CheckpointMeta:
     """Write `model`'s weights (float32, unwrapped names) and `meta` atomically; returns the meta
-    with `model_id` and `created` filled in."""
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
+    with `model_id` and `created` filled in. `state_dict` replaces the model's own (e.g. the
+    gathered full weights of a sharded model)."""
+    weights = state_dict if state_dict is not None else unwrap(model).state_dict()
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in weights.items()}
     meta.model_config = unwrap(model).cfg
     meta.model_id = weights_hash(tensors)
     meta.created = meta.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -87,26 +87,24 @@ import hashlib, sys, torch
 from model.rwkv7 import ModelConfig
 from train.config import TrainConfig
 from train.loop import Trainer, distributed_cleanup
-data, out, digest_dir = sys.argv[1:4]
-cfg = TrainConfig(data=data, out=out, max_steps=4, batch_size=2, ctx_len=64, eval_every=100,
-                  save_every=100, eval_windows=2, warmup_steps=1, num_threads=1)
+data, out, digest_dir, steps, fsdp, resume = sys.argv[1:7]
+cfg = TrainConfig(data=data, out=out, max_steps=int(steps), batch_size=2, ctx_len=64, eval_every=100,
+                  save_every=100, eval_windows=2, warmup_steps=1, num_threads=1, fsdp=fsdp == "1")
 with distributed_cleanup():
-    trainer = Trainer(cfg, ModelConfig(n_layer=2, n_embd=64), progress=False)
+    trainer = Trainer(cfg, ModelConfig(n_layer=2, n_embd=64), progress=False, resume=resume == "1")
     trainer.run()
     h = hashlib.sha256()
-    for name, p in sorted(trainer.model.state_dict().items()):
+    for name, p in sorted(trainer._full_state_dicts()[0].items()):  # gathered under FSDP
         h.update(p.detach().numpy().tobytes())
     open(f"{digest_dir}/rank{trainer.dist.rank}.txt", "w").write(h.hexdigest())
 """
 
 
-def test_train_ddp_two_cpu_processes_keep_identical_weights(prepared, tmp_path):
-    script = tmp_path / "ddp_train.py"
-    script.write_text(DDP_SCRIPT)
+def torchrun(script: Path, *args: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(script), str(prepared), str(tmp_path / "run"), str(tmp_path)],
+         str(script), *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=300)
@@ -115,6 +113,12 @@ def test_train_ddp_two_cpu_processes_keep_identical_weights(prepared, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, out[-3000:]
+
+
+def test_train_ddp_two_cpu_processes_keep_identical_weights(prepared, tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    torchrun(script, str(prepared), str(tmp_path / "run"), str(tmp_path), "4", "0", "0")
     digests = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert digests[0] == digests[1]
     # the ranks trained on different windows, yet agree, and the weights did move
@@ -137,3 +141,17 @@ def test_eval_reports_model_and_ngram_nll(prepared, tmp_path, capsys):
         assert 0 < row["nll_per_token"] < 10 and row["tokens"] > 100 and row["notes"] > 10
         assert row["nll_per_note"] > row["nll_per_token"]  # several tokens per note
     assert model_row["tokens"] == ngram_row["tokens"]
+
+
+def test_train_fsdp_two_cpu_processes_save_full_weights_and_resume(prepared, tmp_path):
+    script = tmp_path / "fsdp_train.py"
+    script.write_text(DDP_SCRIPT)
+    run = tmp_path / "run"
+    torchrun(script, str(prepared), str(run), str(tmp_path), "3", "1", "0")
+    model, meta = load(run / "latest.safetensors")  # gathered, unsharded weights
+    assert meta.step == 3 and meta.val_loss is not None
+    torchrun(script, str(prepared), str(run), str(tmp_path), "5", "1", "1")
+    model, meta = load(run / "latest.safetensors")
+    assert meta.step == 5
+    digests = [(tmp_path / f"rank{r}.txt").exists() for r in (0, 1)]
+    assert digests == [True, True]

@@ -100,7 +100,7 @@ def param_groups(model: RWKV7, weight_decay: float) -> list[dict]:
             continue
         if name.endswith("att.w0"):
             double.append(p)
-        elif p.squeeze().dim() >= 2 and ".weight" in name and weight_decay > 0:
+        elif sum(size > 1 for size in p.shape) >= 2 and ".weight" in name and weight_decay > 0:
             decay.append(p)
         else:
             plain.append(p)
@@ -219,20 +219,38 @@ class Trainer:
                 "elapsed": self.elapsed, "sampler": self.sampler.state_dict(),
                 "model_config": self.model.cfg.to_dict(), "train_config": self.cfg.to_dict(),
                 "history": self.history[-2000:]}
+        model_sd, optim_sd = self._full_state_dicts()
         if self.dist.is_main:
-            tensors.update({f"model.{k}": v for k, v in self.model.state_dict().items()})
-            opt_tensors, info["optimizer_groups"] = optimizer_to_tensors(self.optimizer)
+            tensors.update({f"model.{k}": v for k, v in model_sd.items()})
+            opt_tensors, info["optimizer_groups"] = optimizer_to_tensors(optim_sd)
             tensors.update(opt_tensors)
         save_resume(self._resume_path(self.dist.rank), tensors, info)
+
+    def _full_state_dicts(self) -> tuple[dict, dict]:
+        """Unsharded model and optimizer state dicts. Under FSDP this gathers the shards (a
+        collective: every rank must call it)."""
+        if not self.cfg.fsdp or self.dist.world_size == 1:
+            return self.model.state_dict(), self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(self.model, self.optimizer,
+                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def _restore(self, tensors: dict[str, torch.Tensor], info: dict) -> None:
         if self.dist.world_size > 1:
             main_tensors, main_info = load_resume(self._resume_path(0))
         else:
             main_tensors, main_info = tensors, info
-        self.model.load_state_dict({k[6:]: v for k, v in main_tensors.items() if k.startswith("model.")})
-        groups = main_info["optimizer_groups"]
-        optimizer_from_tensors(self.optimizer, main_tensors, groups)
+        model_sd = {k[6:]: v for k, v in main_tensors.items() if k.startswith("model.")}
+        optim_sd = optimizer_from_tensors(main_tensors, main_info["optimizer_groups"])
+        if self.cfg.fsdp and self.dist.world_size > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                           options=StateDictOptions(full_state_dict=True))
+        else:
+            self.model.load_state_dict(model_sd)
+            self.optimizer.load_state_dict(optim_sd)
         self.step, self.tokens_seen = info["step"], info["tokens_seen"]
         self.best_val, self.elapsed = info["best_val"], info["elapsed"]
         self.history = info.get("history", [])
@@ -284,20 +302,21 @@ class Trainer:
         if len(self.val_shards) == 0:
             return None
         self.model.eval()
+        # FSDP's hooks (which gather the shards) run only through the wrapped module.
+        scorer = self.loss_module if self.cfg.fsdp else WindowLoss(self.model)
         total, count = 0.0, 0
-        state = None
+        state = self.model.init_state(1, self.device)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
         for _, x, y, first in eval_windows(self.val_shards, self.table, self.cfg.ctx_len, self.cfg.eval_windows):
             if first:
                 state = self.model.init_state(1, self.device)
+            targets = torch.from_numpy(y)[None].to(self.device)
             with autocast:
-                h, state = self.model.features(torch.from_numpy(x)[None].to(self.device), state)
-            y_t = torch.from_numpy(y).to(self.device)
-            mask = y_t != IGNORE
-            logits = self.model.head(h[0][mask]).float()
-            total += float(F.cross_entropy(logits, y_t[mask], reduction="sum"))
-            count += int(mask.sum())
-            state = State(state.shift.float(), state.wkv.float())
+                loss_sum, shift, wkv = scorer(torch.from_numpy(x)[None].to(self.device), targets,
+                                              state.shift, state.wkv)
+            total += float(loss_sum)
+            count += int((targets != IGNORE).sum())
+            state = State(shift.float(), wkv.float())
         self.model.train()
         return total / max(1, count)
 
@@ -315,14 +334,15 @@ class Trainer:
         if self.dist.world_size > 1:
             dist.barrier()
         self._save_resume()
+        weights = self._full_state_dicts()[0] if self.cfg.fsdp else None
         if not self.dist.is_main:
             return
-        meta = save(self.model, self.out / "latest.safetensors", self._meta(val_loss))
+        meta = save(self.model, self.out / "latest.safetensors", self._meta(val_loss), weights)
         if val_loss is not None and val_loss <= self.best_val:
             self.best_val = val_loss
-            save(self.model, self.out / "best.safetensors", self._meta(val_loss))
+            save(self.model, self.out / "best.safetensors", self._meta(val_loss), weights)
         if periodic:
-            save(self.model, self.out / f"step-{self.step:07d}.safetensors", self._meta(val_loss))
+            save(self.model, self.out / f"step-{self.step:07d}.safetensors", self._meta(val_loss), weights)
             for old in sorted(self.out.glob("step-*.safetensors"))[: -self.cfg.keep_last]:
                 old.unlink()
         self._announce(meta)
@@ -414,8 +434,9 @@ class Trainer:
                     bar.update(1)
                 last = self._finished() or self.stop_requested
                 if self.step % cfg.eval_every == 0 or last:
-                    val_loss = self.evaluate() if self.dist.is_main else None
-                    if val_loss is not None:
+                    # Under FSDP every rank must take part in the forward passes (all-gathers).
+                    val_loss = self.evaluate() if self.dist.is_main or self.cfg.fsdp else None
+                    if val_loss is not None and self.dist.is_main:
                         self._log({"step": self.step, "val_loss": round(val_loss, 5)})
                         log.info("step %d: val NLL %.4f", self.step, val_loss)
                 if self.step % cfg.save_every == 0 or last:

@@ -20,28 +20,31 @@ from model.checkpoint import atomic_write
 from train.errors import TrainError
 
 
-def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Split an optimizer state dict into named tensors and JSON-able param groups."""
-    sd = opt.state_dict()
+def optimizer_to_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Split an optimizer state dict into named tensors and JSON-able param groups.
+
+    Works for both key styles: parameter indices (plain optimizers) and parameter names
+    (torch.distributed's full state dicts under FSDP)."""
     tensors = {}
-    for index, per_param in sd["state"].items():
+    for param, per_param in sd["state"].items():
         for key, value in per_param.items():
             t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-            tensors[f"opt.{index}.{key}"] = t.detach().cpu().contiguous()
+            tensors[f"opt.{param}.{key}"] = t.detach().cpu().contiguous()
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
     return tensors, groups
 
 
-def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict:
+    """The inverse of optimizer_to_tensors: an optimizer state dict."""
+    state: dict = {}
     for name, t in tensors.items():
         if name.startswith("opt."):
-            _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = t
+            param, key = name[4:].rsplit(".", 1)
+            state.setdefault(int(param) if param.isdigit() else param, {})[key] = t
     for g in groups:
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
 
 
 def save_resume(path: Path, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
