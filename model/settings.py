@@ -8,10 +8,14 @@ once at start, with errors that name the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 T = TypeVar("T")
 
