@@ -18,6 +18,8 @@ COMMAND_MODULES = [
     "train.corpus",
     "train.prepare",
     "train.cli",
+    "daemon.cli",
+    "tools.osc_cli",
     "tools.evaluate",
     "tools.bench",
     "tools.interop",

@@ -1,0 +1,992 @@
+"""The daemon: MIDI in -> encoder -> engine -> mode decisions -> scheduler -> MIDI out.
+
+One asyncio event loop owns the state; the model runs in ONE worker thread (a single-thread
+executor), the output scheduler in another, the MIDI reader in a third. How the parts connect
+(docs/daemon.md has the long version):
+
+- Input: each MIDI event from the player is stamped at arrival and converted to beats by the
+  clock; notes and the sustain pedal go to the online encoder, notes also to the mode machine.
+- A ticker (every TICK_S) advances the encoder to a little before now (ENCODER_LAG_S: events
+  still on their way to the loop must not arrive behind the encoder's watermark), so tokens
+  become final as time passes; final ids go to `Engine.feed` in the engine thread, in order.
+  The ticker also advances the mode machine, and swaps in a reloaded model at a bar line.
+- Decisions: "answer at bar N" starts `Engine.generate` in the engine thread `lead_ms` before
+  the bar line; each decoded note is scheduled as it is drawn at `clock.time_at(bar beat +
+  note beat)`; a note already `late_ms` late is dropped and counted, never played late.
+  "take over" stops the generation (`should_stop`), cancels pending output and sends
+  note-offs for the sounding notes.
+- Feedback: every message the scheduler actually sends comes back to the loop and goes into
+  the encoder at its beat, so the model's state holds both parts of the conversation.
+- Control: one `execute(command)` serves OSC and MQTT (see docs/control.md).
+
+Every stop path (takeover, mode off, panic, reset, shutdown) releases every sounding note.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import functools
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from daemon import encoder as enc
+from daemon import midi_events
+from daemon.clock import Clock, ClockEvent, LinkClock, TempoChanged, TransportChanged, make_clock
+from daemon.config import DaemonSettings
+from daemon.controls import Command, Controls, Panic, Reload, Reset, SetParam, Status, Trigger
+from daemon.engine import Engine
+from daemon.errors import ClockError, DaemonError, MidiError, SchedulerStoppedError
+from daemon.midi_ports import MidiPorts
+from daemon.modes import Answer, AnswerAt, Decision, ModeMachine, TakeOver
+from daemon.mqtt_bridge import MqttBridge
+from daemon.osc_server import OscServer
+from daemon.reload import (
+    CheckpointWatcher,
+    FileSignature,
+    LoadedModel,
+    ReloadError,
+    load_compatible,
+    resolve_reload_path,
+)
+from daemon.scheduler import OutputScheduler, short_switch_interval
+from model.checkpoint import CheckpointMeta
+from model.checkpoint import load as load_checkpoint
+from model.remi_grammar import DecodedNote, DecodedPedal
+from model.sampling import SamplingSettings
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.005
+# The encoder runs this far behind now: an event is stamped at arrival but reaches the loop
+# a little later (reader thread poll, hand-over), and must not land behind the watermark.
+ENCODER_LAG_S = 0.015
+# At most one log line per this many seconds for a failure that repeats every tick.
+_LOG_EVERY_S = 5.0
+
+
+class CheckpointMissingError(DaemonError):
+    """The checkpoint to play does not exist."""
+
+    def __init__(self, path: Path):
+        super().__init__(
+            f"checkpoint {path} not found: train one (rwkv-music train --out DIR) and pass "
+            "--checkpoint DIR/latest.safetensors, or set daemon.checkpoint in config.toml"
+        )
+        self.path = path
+
+
+@dataclass
+class DaemonStats:
+    """Counters since start (shown in /rwkv/status)."""
+
+    input_notes: int = 0  # note-ons from the player
+    answers: int = 0  # answers started (generation begun)
+    discarded: int = 0  # answers dropped before their bar line (the player played on)
+    takeovers: int = 0  # sounding answers stopped by the player or mode off
+    failed: int = 0  # generations that raised
+    notes_scheduled: int = 0
+    late_dropped: int = 0  # generated notes too late to play
+    notes_played: int = 0  # note-ons the scheduler sent (fed back to the encoder)
+    tokens_fed: int = 0  # final ids fed to the engine (player and daemon)
+    encoder_rejected: int = 0  # events the encoder refused
+    reloads: int = 0
+    reload_errors: int = 0
+    ready_before_bar_ms: float | None = None  # last answer: bar line minus the time its first note was scheduled
+    generation_ms: float | None = None  # last answer's whole generation
+    last_swap_beat: float | None = None  # clock beat at which the last reloaded model was swapped in
+
+
+@dataclass(frozen=True)
+class AnswerRecord:
+    """What one finished answer did (the last RECENT_ANSWERS are kept, for benchmarks)."""
+
+    id: int
+    bar: int
+    bars: int
+    notes: int
+    dropped: int
+    stopped: bool
+    ready_before_bar_ms: float | None  # bar line minus the time its first note was scheduled
+    generation_ms: float
+    scheduled: tuple[tuple[float, midi_events.MidiBytes], ...] = ()  # (perf_counter due time, message)
+
+
+RECENT_ANSWERS = 256
+
+
+@dataclass(eq=False)
+class _LiveAnswer:
+    """An answer from its decision until its last bar is over."""
+
+    answer: Answer
+    start_time: float  # perf_counter of its first bar line
+    end_time: float
+    stop: threading.Event
+    future: Future | None = None
+    notes: int = 0
+    dropped: int = 0
+    pedal_down: bool = False
+    first_note_at: float | None = None
+    scheduled: list[tuple[float, midi_events.MidiBytes]] = dataclasses.field(default_factory=list)
+
+
+class Daemon:
+    """The running service, as an async context manager.
+
+    Use::
+
+        async with Daemon(settings) as daemon:
+            await stop_event.wait()
+
+    Entering loads the model, opens the MIDI ports, starts the scheduler, the OSC server, the
+    MQTT bridge (if enabled) and the background tasks; leaving stops them in reverse order,
+    releasing every sounding note before the ports close.
+    """
+
+    def __init__(self, settings: DaemonSettings):
+        self.settings = settings
+        self.controls: Controls = settings.initial_controls()
+        self.stats = DaemonStats()
+        self.checkpoint_path = Path(settings.daemon.checkpoint)
+        self.last_reload_error: str | None = None
+        self._channel = settings.daemon.output_channel - 1
+        self._late_s = settings.daemon.late_ms / 1000.0
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._output_lock = threading.Lock()  # scheduling vs stopping an answer
+        self._note_ends: dict[int, float] = {}  # pitch -> when our latest note of it ends
+        self._live: dict[int, _LiveAnswer] = {}
+        self.recent_answers: collections.deque[AnswerRecord] = collections.deque(maxlen=RECENT_ANSWERS)
+        self._pending_swap: tuple[LoadedModel, int] | None = None
+        self._reload_lock = asyncio.Lock()
+        self._origin = 0.0  # clock beat of the encoder's time 0 (a bar line)
+        self._last_log: dict[str, float] = {}
+        self._closing = False  # shutting down: nothing new goes to the engine thread
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.engine: Engine | None = None
+        # The model the event loop knows is playing: the engine thread swaps its own reference
+        # first, and status must not show the new id before the swap is complete.
+        self.playing_meta: CheckpointMeta | None = None
+        self.encoder: enc.OnlineEncoder | None = None
+        self.clock: Clock | None = None
+        self.machine: ModeMachine | None = None
+        self.ports: MidiPorts | None = None
+        self.scheduler: OutputScheduler | None = None
+        self.osc: OscServer | None = None
+        self.mqtt: MqttBridge | None = None
+        self.watcher: CheckpointWatcher | None = None
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Daemon:
+        stack = contextlib.AsyncExitStack()
+        try:
+            await self._open(stack)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            await stack.aclose()
+        log.info("stopped")
+
+    async def _open(self, stack: contextlib.AsyncExitStack) -> None:
+        import torch
+
+        cfg = self.settings.daemon
+        self._loop = asyncio.get_running_loop()
+        if not self.checkpoint_path.is_file():
+            raise CheckpointMissingError(self.checkpoint_path)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        device = resolve_device(cfg.device)
+
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rwkv-engine")
+        self._executor = executor
+        stack.callback(executor.shutdown, wait=True, cancel_futures=True)
+        signature = FileSignature.of(self.checkpoint_path)
+        self.engine = await self._in_engine(
+            self._build_engine, self.checkpoint_path, device, cfg.history_tokens, cfg.threads
+        )
+        self.playing_meta = self.engine.meta
+
+        clock = make_clock(self.settings.clock)
+        if isinstance(clock, LinkClock):
+            await stack.enter_async_context(clock)
+        self.clock = clock
+        self._restart_encoder(0.0, flush=False)
+        self.machine = ModeMachine(
+            clock,
+            mode=self.controls.mode,
+            silence_beats=self.controls.silence_beats,
+            length_bars=self.controls.length,
+        )
+        self._update_leads()
+        clock.add_listener(self._on_clock_event)
+
+        self.ports = await stack.enter_async_context(MidiPorts(self.settings.midi))
+        stack.enter_context(short_switch_interval())
+        self.scheduler = stack.enter_context(OutputScheduler(self._send_output))
+        stack.callback(self._final_silence)
+
+        self.osc = await stack.enter_async_context(OscServer.from_config(self.settings.osc, self.execute))
+        if self.settings.mqtt.enabled:
+            self.mqtt = await stack.enter_async_context(MqttBridge(self.settings.mqtt, self.execute))
+
+        self.watcher = CheckpointWatcher(self.checkpoint_path, cfg.watch_interval_s, self._on_checkpoint_changed)
+        self.watcher.mark_seen(self.checkpoint_path, signature)
+        self._tasks = [
+            asyncio.create_task(self._tick_forever(), name="daemon-ticker"),
+            asyncio.create_task(self._read_input(), name="daemon-input"),
+        ]
+        if cfg.watch:
+            self._tasks.append(asyncio.create_task(self.watcher.run(), name="checkpoint-watcher"))
+        stack.push_async_callback(self._cancel_tasks)
+        # A full collection holds the interpreter lock while it walks every object, tens to
+        # hundreds of ms with torch and miditok loaded on a busy machine: the scheduler thread
+        # would send late. What exists now lives until shutdown, so it is moved out of the
+        # collector's sight; only objects made while playing are ever walked.
+        gc.collect()
+        gc.freeze()
+        stack.callback(gc.unfreeze)
+
+        osc_host, osc_port = self.osc.address
+        meter = clock.meter
+        log.info(
+            "ready: model %s (step %d, %s) | MIDI %s, in %s, out %s | OSC %s:%d %s | clock %s %.1f BPM %s | mode %s",
+            self.engine.model_id, self.engine.meta.step, self.engine.device, self.ports.api_name,
+            self.ports.input_description, self.ports.output_description, osc_host, osc_port,
+            self.settings.osc.prefix, self.settings.clock.source, clock.tempo, meter, self.controls.mode,
+        )
+
+    @staticmethod
+    def _build_engine(path: Path, device: str, history_tokens: int, threads: int) -> Engine:
+        """In the engine thread: load the checkpoint and build the engine."""
+        import torch
+
+        if threads:
+            # Set here too: the thread count of a thread's parallel regions is its own setting.
+            torch.set_num_threads(threads)
+        model, meta = load_checkpoint(path, device=device)
+        return Engine(model, meta, history_limit=history_tokens)
+
+    async def _cancel_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    def _final_silence(self) -> None:
+        """Shutdown: stop every answer and silence the output before the ports close."""
+        self._closing = True
+        if self.machine is not None:
+            self._end_answers(self.machine.stop_all(self._now_beat()), output=False, reason="shutdown")
+        for live in self._live.values():
+            live.stop.set()
+        self._silence(extra_channels=[self._channel])
+
+    # ------------------------------------------------------------------------------ public
+
+    @property
+    def model_id(self) -> str:
+        return self.playing_meta.model_id if self.playing_meta is not None else ""
+
+    @property
+    def osc_address(self) -> tuple[str, int]:
+        """(host, port) the OSC server listens on."""
+        if self.osc is None:
+            raise DaemonError("the daemon is not running")
+        return self.osc.address
+
+    async def execute(self, command: Command) -> dict[str, Any] | None:
+        """Carry out one control command (from OSC or MQTT): a dict for Status, else None.
+
+        Raises DaemonError (the reason goes back to the sender) when it cannot be done.
+        """
+        if isinstance(command, Status):
+            return self.status()
+        if isinstance(command, SetParam):
+            self._set(command)
+        elif isinstance(command, Trigger):
+            if self.controls.mode == "off":
+                raise DaemonError("mode is off: set another mode to play")
+            self._apply(self.machine.trigger(self._now_beat()))  # type: ignore[union-attr]
+        elif isinstance(command, Reset):
+            self._reset()
+        elif isinstance(command, Panic):
+            self._panic()
+        elif isinstance(command, Reload):
+            await self._reload_command(command)
+        self._status_changed()
+        return None
+
+    def status(self) -> dict[str, Any]:
+        """Controls, model, mode, tempo, ports and counters, for /rwkv/status and MQTT."""
+        values: dict[str, Any] = dict(self.controls.as_dict())
+        clock, ports, scheduler = self.clock, self.ports, self.scheduler
+        if clock is not None:
+            values["tempo"] = round(clock.tempo, 3)
+            values["meter"] = str(clock.meter)
+            values["clock"] = self.settings.clock.source
+            values["clock_running"] = clock.running
+            beat = self._now_beat()
+            values["beat"] = round(beat, 3)
+            values["bar"] = clock.bar_index(beat)
+        values["model_id"] = self.model_id
+        if self.engine is not None:
+            values["model_step"] = self.playing_meta.step if self.playing_meta is not None else None
+            values["device"] = str(self.engine.device)
+        values["checkpoint"] = str(self.checkpoint_path)
+        values["reload_pending"] = self._pending_swap is not None
+        values["last_reload_error"] = self.last_reload_error
+        if ports is not None:
+            values["midi_api"] = ports.api_name
+            values["in_port"] = ports.input_description
+            values["out_port"] = ports.output_description
+            values["input_overflowed"] = ports.stats.overflowed
+        if self.osc is not None:
+            values["osc"] = "{}:{}".format(*self.osc.address)
+        values["mqtt_connected"] = self.mqtt.connected if self.mqtt is not None else False
+        values["answers_active"] = len(self._live)
+        values.update(dataclasses.asdict(self.stats))
+        if scheduler is not None:
+            sched = scheduler.stats
+            values["output_sent"] = sched.sent
+            values["output_late"] = sched.late
+            values["output_max_lateness_ms"] = round(sched.max_lateness_s * 1000.0, 3)
+            values["output_pending"] = scheduler.pending
+            values["sounding"] = len(scheduler.sounding_notes)
+        if self.encoder is not None:
+            values["encoder_late_events"] = self.encoder.late_events
+        return values
+
+    # ------------------------------------------------------------------------------ controls
+
+    def _set(self, command: SetParam) -> None:
+        machine = self.machine
+        assert machine is not None and self.clock is not None
+        if command.name == "tempo":
+            self.clock.set_tempo(float(command.value))  # ClockError (a DaemonError) for MIDI clock
+        elif command.name == "mode":
+            self._apply(machine.set_mode(str(command.value), self._now_beat()))
+        elif command.name == "length":
+            machine.length_bars = int(command.value)
+        elif command.name == "silence_beats":
+            machine.silence_beats = float(command.value)
+        self.controls = self.controls.apply(command)
+        log.info("%s = %s", command.name, command.value)
+
+    def _reset(self) -> None:
+        """Forget the conversation: stop answers, fresh encoder from this bar, fresh state."""
+        assert self.machine is not None and self.clock is not None
+        beat = self._now_beat()
+        self._end_answers(self.machine.stop_all(beat), output=False, reason="reset")
+        self._silence()
+        self._restart_encoder(self.clock.bar_start_beat(self.clock.bar_index(beat)), flush=False)
+        self._submit(self.engine.reset, "reset")
+        log.info("conversation reset")
+
+    def _panic(self) -> None:
+        assert self.machine is not None
+        self._end_answers(self.machine.stop_all(self._now_beat()), output=False, reason="panic")
+        self._silence(extra_channels=range(16))
+        log.info("panic: every note released")
+
+    async def _reload_command(self, command: Reload) -> None:
+        """A reload from OSC/MQTT: resolve and confine the path, load and check, swap later."""
+        cfg = self.settings.daemon
+        path = self.checkpoint_path
+        if command.path is not None:
+            try:
+                path = resolve_reload_path(command.path, cfg.checkpoint, cfg.reload_dirs)
+            except ReloadError as err:
+                self._refused(err, "request")
+                raise
+        if command.model_id is not None and command.model_id == self.model_id:
+            log.info("checkpoint %s announced with the model already playing (%s)", path, self.model_id)
+            return
+        await self._load_for_swap(path, origin="request")
+
+    async def _on_checkpoint_changed(self, path: Path) -> None:
+        with contextlib.suppress(ReloadError):  # already logged and reported
+            await self._load_for_swap(path, origin="watch")
+
+    async def _load_for_swap(self, path: Path, *, origin: str) -> None:
+        """Load `path` in a worker thread; on success it is swapped in at the next bar line.
+
+        Raises ReloadError (logged, counted; the running model stays)."""
+        engine = self.engine
+        assert engine is not None
+        async with self._reload_lock:
+            try:
+                loaded = await asyncio.to_thread(
+                    load_compatible,
+                    path,
+                    vocab_hash=engine.meta.vocab_hash,
+                    vocab_size=engine.model.cfg.vocab_size,
+                    device=engine.device,
+                )
+            except ReloadError as err:
+                self._refused(err, origin)
+                raise
+        if self.watcher is not None:
+            self.watcher.mark_seen(path, loaded.signature)
+        if loaded.meta.model_id == self.model_id and self._pending_swap is None:
+            log.info("%s holds the model already playing (%s); nothing to swap", path, self.model_id)
+            self.checkpoint_path = path
+            return
+        bar = self.clock.bar_index(self._now_beat()) if self.clock is not None else 0
+        self._pending_swap = (loaded, bar)
+        log.info("model %s (step %d) loaded from %s; swapping in at the next bar line",
+                 loaded.meta.model_id, loaded.meta.step, path)
+
+    def _refused(self, err: ReloadError, origin: str) -> None:
+        """Log and count a refused reload. A request's sender gets the error as its reply (OSC)
+        or as an error event (MQTT bridge); a change the watcher saw gets an event here."""
+        self.stats.reload_errors += 1
+        self.last_reload_error = str(err)
+        log.error("%s (%s); model %s keeps playing", err, origin, self.model_id)
+        if origin != "request":
+            self._publish("error", reason=str(err), path=err.path, source=origin)
+        self._status_changed()
+
+    def _maybe_swap(self, beat: float) -> None:
+        if self._pending_swap is None or self.clock is None:
+            return
+        loaded, bar = self._pending_swap
+        if self.clock.bar_index(beat) <= bar:
+            return
+        self._pending_swap = None
+        future = self._submit(self.engine.swap_model, "swap", loaded.model, loaded.meta)
+        future.add_done_callback(self._from_engine(functools.partial(self._swapped, loaded, beat)))
+
+    def _swapped(self, loaded: LoadedModel, beat: float, future: Future) -> None:
+        try:
+            future.result()
+        except Exception as err:  # noqa: BLE001 - the old state is gone only if swap_model got far
+            self.stats.reload_errors += 1
+            self.last_reload_error = f"swap failed: {err}"
+            log.exception("swapping in %s failed", loaded.path)
+            self._publish("error", reason=self.last_reload_error, path=str(loaded.path))
+            return
+        self.playing_meta = loaded.meta
+        self.stats.reloads += 1
+        self.stats.last_swap_beat = round(beat, 4)
+        self.last_reload_error = None
+        self.checkpoint_path = loaded.path
+        if self.watcher is not None:
+            self.watcher.mark_seen(loaded.path, loaded.signature)
+        log.info("model %s (step %d) from %s is playing now", loaded.meta.model_id, loaded.meta.step, loaded.path)
+        self._publish("model_reloaded", model_id=loaded.meta.model_id, step=loaded.meta.step, path=str(loaded.path))
+        self._status_changed()
+
+    # ------------------------------------------------------------------------------ time
+
+    def _now_beat(self) -> float:
+        assert self.clock is not None
+        return self.clock.beat_at(time.perf_counter())
+
+    def _update_leads(self) -> None:
+        """Lead times are fixed in milliseconds; the machine counts in beats."""
+        assert self.clock is not None and self.machine is not None
+        beats_per_s = self.clock.tempo / 60.0
+        self.machine.lead_beats = self.settings.daemon.lead_ms / 1000.0 * beats_per_s
+        self.machine.min_lead_beats = self.settings.daemon.min_lead_ms / 1000.0 * beats_per_s
+
+    def _on_clock_event(self, event: ClockEvent) -> None:
+        if isinstance(event, TempoChanged):
+            self._update_leads()
+            self._encode(enc.TempoChange, event.beat, qpm=event.bpm)
+            with contextlib.suppress(DaemonError):  # a MIDI clock may run outside the control's range
+                self.controls = self.controls.apply(SetParam("tempo", round(event.bpm, 3)))
+        elif isinstance(event, TransportChanged):
+            assert self.clock is not None and self.machine is not None
+            self._end_answers(self.machine.stop_all(event.beat), output=False, reason="transport moved")
+            self._silence()
+            self.machine.forget_activity()  # the beats jumped: old activity times mean nothing
+            if event.running:
+                self._restart_encoder(self.clock.bar_start_beat(self.clock.bar_index(event.beat)), flush=True)
+            log.info("transport %s at beat %.2f", "running" if event.running else "stopped", event.beat)
+
+    def _restart_encoder(self, origin: float, *, flush: bool) -> None:
+        """A new encoder whose time 0 is the bar line at clock beat `origin`."""
+        assert self.clock is not None
+        if flush and self.encoder is not None:
+            with contextlib.suppress(enc.EncoderError):
+                self._feed(self.encoder.flush())
+        meter = self.clock.meter
+        self.encoder = enc.OnlineEncoder(
+            self.engine.tokenizer, tempo=self.clock.tempo, meter=(meter.numerator, meter.denominator)
+        )
+        self._origin = origin
+
+    # ------------------------------------------------------------------------------ background
+
+    async def _tick_forever(self) -> None:
+        while True:
+            try:
+                self._tick()
+            except Exception:  # the ticker must survive anything
+                self._log_rarely("tick", "daemon tick failed")
+            await asyncio.sleep(TICK_S)
+
+    def _tick(self) -> None:
+        clock, encoder = self.clock, self.encoder
+        assert clock is not None and encoder is not None and self.machine is not None
+        if not clock.running:
+            return
+        beat = clock.beat_at(time.perf_counter())
+        target = beat - ENCODER_LAG_S * clock.tempo / 60.0 - self._origin
+        if target > encoder.watermark_beats:
+            self._feed(encoder.advance(target))
+        self._apply(self.machine.advance(beat))
+        self._maybe_swap(beat)
+        self._forget_finished()
+
+    async def _read_input(self) -> None:
+        assert self.ports is not None
+        try:
+            async for event in self.ports:
+                try:
+                    self._on_midi(event)
+                except Exception:  # one bad event must not end the input
+                    self._log_rarely("input", "MIDI input event %r failed", event)
+        except MidiError as err:
+            log.error("MIDI input stopped: %s; the daemon goes on without input", err)
+
+    def _on_midi(self, event: midi_events.MidiEvent) -> None:
+        clock, machine = self.clock, self.machine
+        assert clock is not None and machine is not None
+        if clock.handle(event) or not clock.running:
+            return
+        if isinstance(event, midi_events.NoteOn):
+            beat = clock.beat_at(event.time)
+            self.stats.input_notes += 1
+            self._encode(enc.NoteOn, beat, pitch=event.note, velocity=event.velocity)
+            self._apply(machine.note_on(event.note, beat))
+        elif isinstance(event, midi_events.NoteOff):
+            beat = clock.beat_at(event.time)
+            self._encode(enc.NoteOff, beat, pitch=event.note)
+            self._apply(machine.note_off(event.note, beat))
+        elif isinstance(event, midi_events.ControlChange) and event.is_sustain:
+            self._encode(enc.SustainPedal, clock.beat_at(event.time), down=event.pedal_down)
+
+    def _encode(self, kind: type, beat: float, **fields: Any) -> None:
+        """Feed one performance event (clock beat `beat`) to the encoder and its ids onward."""
+        if self.encoder is None:
+            return
+        local = beat - self._origin
+        if local < 0:
+            return  # before the encoder's first bar line (stamped before a reset)
+        try:
+            ids = self.encoder.feed(kind(beats=local, **fields))
+        except enc.EncoderError as err:
+            self.stats.encoder_rejected += 1
+            log.debug("encoder refused an event: %s", err)
+            return
+        self._feed(ids)
+
+    def _feed(self, ids: list[int]) -> None:
+        if ids and not self._closing:
+            self.stats.tokens_fed += len(ids)
+            self._submit(self.engine.feed, "feed", list(ids))
+
+    # ------------------------------------------------------------------------------ answers
+
+    def _apply(self, decisions: Iterable[Decision]) -> None:
+        stops: list[Decision] = []
+        for decision in decisions:
+            if isinstance(decision, AnswerAt):
+                self._start_answer(decision.answer)
+            else:
+                stops.append(decision)
+        if stops:
+            self._end_answers(stops)
+
+    def _start_answer(self, answer: Answer) -> None:
+        clock, ports = self.clock, self.ports
+        assert clock is not None and ports is not None
+        if not ports.has_output:
+            self.machine.finished(answer.id)  # type: ignore[union-attr]
+            self._log_rarely("no-output", "no MIDI output port is configured: answers are not played", failure=False)
+            return
+        try:
+            start, end = clock.time_at(answer.start_beat), clock.time_at(answer.end_beat)
+        except ClockError as err:
+            log.warning("answer %d not played: %s", answer.id, err)
+            self.machine.finished(answer.id)  # type: ignore[union-attr]
+            return
+        live = _LiveAnswer(answer, start, end, threading.Event())
+        self._live[answer.id] = live
+        self.stats.answers += 1
+        c = self.controls
+        settings = SamplingSettings(temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
+        live.future = self._submit(self._generate, "generate", live, settings, c.seed)
+        live.future.add_done_callback(self._from_engine(functools.partial(self._answer_done, live)))
+        log.info("answer %d: %d bar(s) from bar %d (%s), %.0f ms ahead",
+                 answer.id, answer.bars, answer.bar, answer.reason, (start - time.perf_counter()) * 1000)
+
+    def _generate(self, live: _LiveAnswer, settings: Any, seed: int) -> Any:
+        """In the engine thread."""
+        if live.stop.is_set():
+            return None
+        return self.engine.generate(
+            live.answer.bars,
+            settings,
+            seed=seed,
+            on_event=functools.partial(self._on_generated, live),
+            should_stop=live.stop.is_set,
+        )
+
+    def _on_generated(self, live: _LiveAnswer, variation: int, event: Any) -> None:
+        """In the engine thread: schedule a decoded note (or pedal move) as soon as it exists."""
+        if variation != 0 or live.stop.is_set():
+            return
+        answer, clock, scheduler = live.answer, self.clock, self.scheduler
+        assert clock is not None and scheduler is not None
+        if isinstance(event, DecodedNote):
+            start_beat = answer.start_beat + event.start_beats
+            if start_beat >= answer.end_beat:
+                return
+            # An answer lasts its bars: a note still sounding at the end is released there.
+            end_beat = min(start_beat + event.duration_beats, answer.end_beat)
+            try:
+                on, off = clock.time_at(start_beat), clock.time_at(end_beat)
+            except ClockError:
+                return
+            now = time.perf_counter()
+            if on < now - self._late_s:
+                live.dropped += 1
+                self.stats.late_dropped += 1
+                return
+            ch, pitch = self._channel, event.pitch
+            with self._output_lock:
+                if live.stop.is_set():
+                    return
+                messages: list[tuple[float, midi_events.MidiBytes]] = []
+                previous_end = self._note_ends.get(pitch)
+                if previous_end is not None and previous_end > on:
+                    # The pitch still sounds: end it before striking it again, and end the new
+                    # note no later than the old one's pending note-off (which would cut it).
+                    messages.append((on, midi_events.note_off(ch, pitch)))
+                    off = min(off, previous_end)
+                    self._note_ends[pitch] = previous_end
+                else:
+                    self._note_ends[pitch] = off
+                messages.append((on, midi_events.note_on(ch, pitch, max(1, min(127, event.velocity)))))
+                messages.append((off, midi_events.note_off(ch, pitch)))
+                try:
+                    scheduler.schedule_many(messages)
+                except SchedulerStoppedError:
+                    return
+                live.scheduled += messages
+            live.notes += 1
+            self.stats.notes_scheduled += 1
+            if live.first_note_at is None:
+                live.first_note_at = now
+                self.stats.ready_before_bar_ms = round((live.start_time - now) * 1000.0, 3)
+        elif isinstance(event, DecodedPedal):
+            beat = answer.start_beat + event.beats
+            if beat >= answer.end_beat:
+                return
+            try:
+                at = clock.time_at(beat)
+            except ClockError:
+                return
+            message = midi_events.control_change(self._channel, midi_events.SUSTAIN_PEDAL, 127 if event.down else 0)
+            with self._output_lock:
+                if live.stop.is_set():
+                    return
+                try:
+                    scheduler.schedule(at, message)
+                except SchedulerStoppedError:
+                    return
+                live.scheduled.append((at, message))
+                live.pedal_down = event.down
+
+    def _answer_done(self, live: _LiveAnswer, future: Future) -> None:
+        """On the loop: the generation of `live` ended (complete, stopped or failed)."""
+        try:
+            completion = future.result()
+        except Exception as err:  # noqa: BLE001 - a failed answer must not stop the daemon
+            self.stats.failed += 1
+            log.error("answer %d failed: %s", live.answer.id, err, exc_info=err)
+            self.machine.finished(live.answer.id)  # type: ignore[union-attr]
+            self._end_answers([TakeOver(live.answer, self._now_beat())], reason="generation failed")
+            self._publish("error", reason=f"generation failed: {err}")
+            return
+        if completion is None:
+            return
+        self.stats.generation_ms = round(completion.seconds * 1000.0, 3)
+        ready = None if live.first_note_at is None else round((live.start_time - live.first_note_at) * 1000.0, 3)
+        self.recent_answers.append(AnswerRecord(
+            live.answer.id, live.answer.bar, live.answer.bars, live.notes, live.dropped, completion.stopped,
+            ready, self.stats.generation_ms, tuple(live.scheduled),
+        ))
+        if live.pedal_down and not live.stop.is_set() and self.scheduler is not None:
+            pedal_up = midi_events.control_change(self._channel, midi_events.SUSTAIN_PEDAL, 0)
+            with self._output_lock, contextlib.suppress(SchedulerStoppedError):
+                self.scheduler.schedule(live.end_time, pedal_up)
+        log.info("answer %d: %d notes (%d too late), %.0f ms to generate%s", live.answer.id, live.notes,
+                 live.dropped, completion.seconds * 1000, ", stopped" if completion.stopped else "")
+        self._publish(
+            "completion_played", answer=live.answer.id, bar=live.answer.bar, bars=live.answer.bars,
+            notes=live.notes, dropped=live.dropped, stopped=completion.stopped, model_id=self.model_id,
+            seconds=round(completion.seconds, 4),
+        )
+
+    def _forget_finished(self) -> None:
+        now = time.perf_counter()
+        for key, live in list(self._live.items()):
+            if live.end_time < now and (live.future is None or live.future.done()):
+                del self._live[key]
+
+    def _end_answers(self, decisions: Iterable[Decision], *, output: bool = True, reason: str = "") -> None:
+        """Stop the answers the decisions name. With `output`: a TakeOver (something of ours
+        sounds) silences the output now; Discards alone drop what those answers scheduled.
+        `reason` (panic, reset, shutdown...) is logged instead of counting takeovers/discards."""
+        taken_over = False
+        for decision in decisions:
+            if isinstance(decision, AnswerAt):
+                continue
+            live = self._live.pop(decision.answer.id, None)
+            if live is not None:
+                live.stop.set()
+            taken_over |= isinstance(decision, TakeOver)
+            if reason:
+                log.info("answer %d stopped: %s", decision.answer.id, reason)
+            elif isinstance(decision, TakeOver):
+                self.stats.takeovers += 1
+                log.info("answer %d taken over at beat %.2f", decision.answer.id, decision.beat)
+            else:
+                self.stats.discarded += 1
+                log.info("answer %d discarded before its bar line", decision.answer.id)
+        if not output:
+            return
+        if taken_over:
+            self._silence()
+        else:
+            self._cancel_pending()
+
+    def _cancel_pending(self) -> None:
+        """Drop every pending message except the note-offs of notes that sound."""
+        scheduler = self.scheduler
+        if scheduler is None or not scheduler.running:
+            return
+        with self._output_lock:
+            scheduler.cancel_after(time.perf_counter())
+            sounding = {note for channel, note in scheduler.sounding_notes if channel == self._channel}
+            self._note_ends = {p: end for p, end in self._note_ends.items() if p in sounding}
+
+    def _silence(self, extra_channels: Iterable[int] = ()) -> None:
+        """Cancel all pending output and send note-offs (+ All Notes Off) now."""
+        if self.scheduler is None or not self.scheduler.running:
+            return
+        with self._output_lock:
+            self.scheduler.stop_all(extra_channels)
+            self._note_ends.clear()
+
+    # ------------------------------------------------------------------------------ output
+
+    def _send_output(self, message: midi_events.MidiBytes) -> None:
+        """The scheduler's sender (scheduler thread): send, then report it to the loop so what
+        was played goes into the encoder."""
+        assert self.ports is not None
+        self.ports.send(message)
+        sent = time.perf_counter()
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closing
+                loop.call_soon_threadsafe(self._on_played, message, sent)
+
+    def _on_played(self, message: midi_events.MidiBytes, sent: float) -> None:
+        clock = self.clock
+        if clock is None or not clock.running or len(message) < 3:
+            return
+        kind, beat = message[0] & 0xF0, clock.beat_at(sent)
+        if kind == midi_events.NOTE_ON and message[2] > 0:
+            self.stats.notes_played += 1
+            self._encode(enc.NoteOn, beat, pitch=message[1], velocity=message[2])
+        elif kind in (midi_events.NOTE_OFF, midi_events.NOTE_ON):
+            self._encode(enc.NoteOff, beat, pitch=message[1])
+        elif kind == midi_events.CONTROL_CHANGE and message[1] == midi_events.SUSTAIN_PEDAL:
+            self._encode(enc.SustainPedal, beat, down=message[2] >= 64)
+
+    # ------------------------------------------------------------------------------ plumbing
+
+    def _submit(self, fn: Callable[..., Any], what: str, *args: Any) -> Future:
+        """Run `fn(*args)` in the engine thread, after everything submitted before."""
+        assert self._executor is not None
+        future = self._executor.submit(fn, *args)
+        if what in ("feed", "reset"):
+            future.add_done_callback(functools.partial(self._check_job, what))
+        return future
+
+    def _check_job(self, what: str, future: Future) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self._log_rarely(what, "engine %s failed: %r", what, future.exception(), failure=False)
+
+    async def _in_engine(self, fn: Callable[..., Any], *args: Any) -> Any:
+        assert self._executor is not None
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _from_engine(self, callback: Callable[[Future], None]) -> Callable[[Future], None]:
+        """A future callback that runs `callback` on the event loop (futures call back on the
+        engine thread)."""
+        loop = self._loop
+        assert loop is not None
+
+        def hand_over(future: Future) -> None:
+            if future.cancelled():
+                return
+            with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
+                loop.call_soon_threadsafe(callback, future)
+
+        return hand_over
+
+    def _publish(self, event: str, **fields: Any) -> None:
+        if self.mqtt is not None:
+            self.mqtt.publish_event(event, **fields)
+
+    def _status_changed(self) -> None:
+        if self.mqtt is not None:
+            self.mqtt.status_changed()
+
+    def _log_rarely(self, key: str, message: str, *args: Any, failure: bool = True) -> None:
+        """Log at most once per _LOG_EVERY_S per key; `failure`: an error with its traceback."""
+        now = time.monotonic()
+        if now - self._last_log.get(key, -_LOG_EVERY_S) >= _LOG_EVERY_S:
+            self._last_log[key] = now
+            if failure:
+                log.exception(message, *args)
+            else:
+                log.warning(message, *args)
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> "cuda" when a CUDA device is available, else "cpu"; cuda without one is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DaemonError("daemon.device = 'cuda' but no CUDA device is available (use auto or cpu)")
+    return device
+
+
+async def serve(settings: DaemonSettings, stop: asyncio.Event | None = None, *, handle_signals: bool = True) -> None:
+    """Run the daemon until `stop` is set (or SIGINT/SIGTERM when `handle_signals`)."""
+    import signal
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    if handle_signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        async with Daemon(settings):
+            await stop.wait()
+            log.info("stopping: releasing every note, closing the ports")
+    finally:
+        if handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+
+class BackgroundDaemon:
+    """A Daemon on a thread of its own, with its own event loop (tests, benchmarks, embedding).
+
+    Use::
+
+        with BackgroundDaemon(settings) as bg:
+            status = bg.call(bg.daemon.status)
+            bg.execute(SetParam("length", 4))
+    """
+
+    def __init__(self, settings: DaemonSettings):
+        self.settings = settings
+        self.daemon: Daemon | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, timeout: float = 60.0) -> Daemon:
+        """Start and wait until the daemon is ready; re-raises what stopped it from starting."""
+        self._thread = threading.Thread(target=self._main, name="rwkv-daemon", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise DaemonError(f"the daemon did not start within {timeout:g} s")
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+        assert self.daemon is not None
+        return self.daemon
+
+    def _main(self) -> None:
+        async def body() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            try:
+                async with Daemon(self.settings) as daemon:
+                    self.daemon = daemon
+                    self._ready.set()
+                    await self._stop.wait()
+            except BaseException as err:  # noqa: BLE001 - handed to the starting thread
+                if self._ready.is_set():
+                    log.exception("the daemon stopped with an error")
+                self._error = err
+            finally:
+                self._ready.set()
+
+        asyncio.run(body())
+
+    def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 10.0) -> Any:
+        """Run `fn(*args)` on the daemon's loop and return its result (thread-safe access)."""
+        assert self._loop is not None
+        future: Future = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn(*args))
+            except BaseException as err:  # noqa: BLE001 - returned to the caller
+                future.set_exception(err)
+
+        self._loop.call_soon_threadsafe(run)
+        return future.result(timeout)
+
+    def execute(self, command: Command, timeout: float = 30.0) -> dict[str, Any] | None:
+        """`Daemon.execute` from another thread."""
+        assert self._loop is not None and self.daemon is not None
+        return asyncio.run_coroutine_threadsafe(self.daemon.execute(command), self._loop).result(timeout)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the daemon (note-offs, ports closed) and wait for its thread."""
+        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> BackgroundDaemon:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

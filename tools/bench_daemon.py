@@ -1,0 +1,306 @@
+"""`rwkv-music bench daemon`: the daemon's timing through real JACK ports.
+
+The daemon runs in autopilot (it answers bar after bar on its own, feeding what it plays back
+into its state), with its output port wired to a recording JACK client in another process, so
+the recorder's own interpreter lock waits do not count. Reported:
+
+- the timing error of every output message the daemon scheduled (note-ons, note-offs, pedal)
+  against the time it was scheduled for (its grid time): p50, p99, max;
+- per answer, how long before its bar line the first note was ready (scheduled), and the
+  whole generation time; notes dropped as too late;
+- the time to feed one bar of tokens to the engine (its model step per token, the state kept).
+
+It needs JACK: it uses the server JACK_DEFAULT_SERVER names when one runs, else starts a
+private dummy server (-r 48000 -p 32, a 0.67 ms period). The figures include JACK's delivery
+(up to one period). Compare figures taken on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+EPILOG = """examples:
+  rwkv-music bench daemon                           # checkpoints/default.safetensors, 8 bars
+  rwkv-music bench daemon --random L6-D256 --bars 16   # a random model of the default's size
+  rwkv-music bench daemon --checkpoint runs/mine/latest.safetensors --json
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "daemon",
+        help="output timing, answer readiness and feed time of the running daemon (JACK)",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", type=Path, help="model to play (default: checkpoints/default.safetensors)")
+    p.add_argument("--random", metavar="LAYERS-DIM", help="a random model of this size instead, e.g. L6-D256")
+    p.add_argument("--bars", type=int, default=8, help="bars of autopilot to measure (default 8)")
+    p.add_argument("--tempo", type=float, default=120.0, help="BPM (default 120)")
+    p.add_argument("--length", type=int, default=2, help="bars per answer (default 2)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(run=run)
+
+
+@dataclass
+class DaemonBenchResult:
+    machine: str
+    model: str
+    tempo: float
+    bars: int
+    messages: int  # output messages measured
+    error_p50_ms: float
+    error_p99_ms: float
+    error_max_ms: float
+    answers: int
+    ready_before_bar_min_ms: float | None  # the tightest answer: bar line minus first note ready
+    ready_before_bar_p50_ms: float | None
+    generation_p50_ms: float | None  # one whole answer
+    late_dropped: int
+    feed_bar_p50_ms: float  # feeding one bar of tokens to the engine
+    feed_bar_max_ms: float
+    tokens_per_bar: float
+
+
+def run(args: argparse.Namespace) -> int:
+    from tools.cli import UserError
+
+    if args.bars < 2 or not 20.0 <= args.tempo <= 300.0 or not 1 <= args.length <= 16:
+        raise UserError("--bars must be >= 2, --tempo 20..300, --length 1..16")
+    with tempfile.TemporaryDirectory(prefix="rwkv-bench-daemon-") as tmp:
+        checkpoint = _checkpoint(args, Path(tmp))
+        with _jack_server(Path(tmp)):
+            result = measure(checkpoint, bars=args.bars, tempo=args.tempo, length=args.length)
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+    else:
+        _print(result)
+    return 0
+
+
+def _checkpoint(args: argparse.Namespace, tmp: Path) -> Path:
+    from tools.cli import UserError
+
+    if args.random:
+        return random_checkpoint(args.random, tmp / "random.safetensors")
+    path = args.checkpoint or Path("checkpoints/default.safetensors")
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found (or use --random L6-D256)")
+    return path
+
+
+def random_checkpoint(size: str, path: Path) -> Path:
+    """A checkpoint of random weights of size "L<layers>-D<channels>" (timing only)."""
+    import torch
+
+    from model.checkpoint import CheckpointMeta, save
+    from model.rwkv7 import RWKV7, ModelConfig
+    from model.vocab import DEFAULT_TOKENIZER_PARAMS, build_tokenizer, vocab_hash
+    from tools.cli import UserError
+
+    try:
+        layers, dim = (int(part[1:]) for part in size.upper().split("-"))
+    except ValueError as err:
+        raise UserError(f"--random {size!r}: expected LAYERS-DIM such as L6-D256") from err
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    model = RWKV7(ModelConfig(n_layer=layers, n_embd=dim, vocab_size=len(tokenizer)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    save(model, path, CheckpointMeta(model.cfg, DEFAULT_TOKENIZER_PARAMS, vocab_hash(tokenizer)))
+    return path
+
+
+class _jack_server:
+    """Use the running JACK server, or start a private dummy one for the benchmark."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.process: subprocess.Popen | None = None
+        self.previous = os.environ.get("JACK_DEFAULT_SERVER")
+
+    def __enter__(self) -> None:
+        from daemon.midi_ports import jack_server_running
+        from tools.cli import UserError
+
+        if jack_server_running():
+            return
+        jackd = shutil.which("jackd")
+        if jackd is None:
+            raise UserError("no JACK server runs and jackd is not installed (Debian: jackd2)")
+        name = f"rwkv-bench-{os.getpid()}"
+        with open(self.tmp / "jackd.log", "wb") as out:
+            self.process = subprocess.Popen(
+                [jackd, "--no-realtime", "-S", "-n", name, "-d", "dummy", "-r", "48000", "-p", "32"],
+                stdout=out, stderr=subprocess.STDOUT,
+                env={**os.environ, "JACK_NO_AUDIO_RESERVATION": "1"},
+            )
+        os.environ["JACK_DEFAULT_SERVER"] = name
+        deadline = time.monotonic() + 20
+        while not jack_server_running():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise UserError(f"jackd did not start: {(self.tmp / 'jackd.log').read_text()[-500:]}")
+            time.sleep(0.1)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.previous is None:
+            os.environ.pop("JACK_DEFAULT_SERVER", None)
+        else:
+            os.environ["JACK_DEFAULT_SERVER"] = self.previous
+
+
+def measure(checkpoint: Path, *, bars: int, tempo: float, length: int) -> DaemonBenchResult:
+    """Run the daemon in autopilot for `bars` bars and measure (needs a running JACK server)."""
+    from daemon.app import BackgroundDaemon
+    from daemon.config import load_daemon_settings
+    from tools.bench import machine_description
+
+    tag = f"{os.getpid()}-{time.monotonic_ns() % 1_000_000}"
+    in_port, out_port = f"bench-in-{tag}", f"bench-out-{tag}"
+    settings = load_daemon_settings(None, [
+        "midi.api=jack", f'midi.in_port="{in_port}"', f'midi.out_port="{out_port}"', "osc.port=0",
+        f"clock.tempo={tempo}", "daemon.mode=autopilot", f"daemon.length_bars={length}",
+        "daemon.watch=false", "daemon.seed=1",
+    ], checkpoint=checkpoint)
+    program = "from daemon.scheduler import record_arrivals_main; record_arrivals_main()"
+    with BackgroundDaemon(settings) as background:
+        daemon = background.daemon
+        assert daemon is not None
+        receiver = subprocess.Popen(
+            [sys.executable, "-c", program, f"{out_port}:{out_port}", f"bench-recv-{tag}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        assert receiver.stdin is not None and receiver.stdout is not None
+        try:
+            if receiver.stdout.readline().strip() != "ready":
+                raise RuntimeError("the recording client could not connect to the daemon's output")
+            clock = daemon.clock
+            assert clock is not None
+            start_bar = clock.bar_index(clock.now_beat()) + 1
+            end_beat = clock.bar_start_beat(start_bar + bars)
+            time.sleep(max(0.0, clock.time_at(end_beat) - time.perf_counter()) + 0.3)
+            receiver.stdin.write("stop\n")
+            receiver.stdin.flush()
+            arrivals = json.loads(receiver.stdout.readline())
+        finally:
+            try:
+                receiver.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                receiver.kill()
+        records = background.call(lambda: list(daemon.recent_answers))
+        stats = background.call(lambda: daemon.stats)
+        errors = match_errors(arrivals, [item for r in records for item in r.scheduled])
+        model_id = daemon.model_id
+        engine_meta = daemon.engine.meta if daemon.engine is not None else None
+    feed_ms, tokens_per_bar = feed_bar_times(checkpoint)
+    errors.sort()
+    ready = sorted(r.ready_before_bar_ms for r in records if r.ready_before_bar_ms is not None)
+    generation = [r.generation_ms for r in records]
+    cfg = engine_meta.model_config if engine_meta is not None else None
+    model = f"{model_id} (L{cfg.n_layer}-D{cfg.n_embd})" if cfg is not None else model_id
+    return DaemonBenchResult(
+        machine=machine_description(),
+        model=model,
+        tempo=tempo,
+        bars=bars,
+        messages=len(errors),
+        error_p50_ms=_percentile(errors, 0.5),
+        error_p99_ms=_percentile(errors, 0.99),
+        error_max_ms=errors[-1] if errors else float("nan"),
+        answers=len(records),
+        ready_before_bar_min_ms=ready[0] if ready else None,
+        ready_before_bar_p50_ms=statistics.median(ready) if ready else None,
+        generation_p50_ms=statistics.median(generation) if generation else None,
+        late_dropped=stats.late_dropped,
+        feed_bar_p50_ms=statistics.median(feed_ms),
+        feed_bar_max_ms=max(feed_ms),
+        tokens_per_bar=tokens_per_bar,
+    )
+
+
+def match_errors(arrivals: list[list], scheduled: list[tuple[float, tuple[int, ...]]]) -> list[float]:
+    """|arrival - due| in ms of every received message matched to the message the daemon
+    scheduled with the same bytes and the closest due time (within half a second)."""
+    by_bytes: dict[tuple[int, ...], list[float]] = {}
+    for due, message in scheduled:
+        by_bytes.setdefault(tuple(message), []).append(due)
+    errors = []
+    for t, message in arrivals:
+        dues = by_bytes.get(tuple(message))
+        if not dues:
+            continue  # the closing note-offs and All Notes Off were never scheduled
+        best = min(range(len(dues)), key=lambda i: abs(dues[i] - t))
+        if abs(dues[best] - t) < 0.5:
+            errors.append(abs(t - dues.pop(best)) * 1000.0)
+    return errors
+
+
+def feed_bar_times(checkpoint: Path, bars: int = 16) -> tuple[list[float], float]:
+    """Milliseconds to feed each of `bars` bars of tokens (sampled from the model itself) to a
+    fresh engine, one bar at a time as the daemon's encoder would; and tokens per bar."""
+    import torch
+
+    from daemon.engine import Engine
+    from model.checkpoint import load
+    from model.sampling import SamplingSettings
+
+    torch.set_num_threads(1)  # as the daemon runs it (daemon.threads = 1)
+    model, meta = load(checkpoint)
+    engine = Engine(model, meta)
+    tokens = engine.generate(bars, SamplingSettings(temperature=1.0, top_p=0.95), seed=0).tokens[0]
+    bar_ids, current = [], []
+    for token in tokens:
+        if token == engine.bar_id and current:
+            bar_ids.append(current)
+            current = []
+        current.append(token)
+    bar_ids.append(current)
+    times = []
+    for ids in bar_ids:
+        t0 = time.perf_counter()
+        engine.feed(ids)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return times, sum(map(len, bar_ids)) / len(bar_ids)
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(round(q * (len(sorted_values) - 1))))]
+
+
+def _print(r: DaemonBenchResult) -> None:
+    def ms(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.1f} ms"
+
+    print(f"machine: {r.machine}")
+    print(f"model:   {r.model}, {r.tempo:g} BPM, {r.bars} bars of autopilot")
+    print(f"output timing ({r.messages} messages vs their grid times, through JACK): "
+          f"p50 {r.error_p50_ms:.2f} ms, p99 {r.error_p99_ms:.2f} ms, max {r.error_max_ms:.2f} ms")
+    print(f"answers: {r.answers}; first note ready before the bar line: min {ms(r.ready_before_bar_min_ms)}, "
+          f"median {ms(r.ready_before_bar_p50_ms)}; generation median {ms(r.generation_p50_ms)}; "
+          f"notes dropped as late: {r.late_dropped}")
+    print(f"feed one bar ({r.tokens_per_bar:.0f} tokens): median {r.feed_bar_p50_ms:.1f} ms, "
+          f"max {r.feed_bar_max_ms:.1f} ms")

@@ -1,0 +1,98 @@
+"""`rwkv-music osc ADDRESS [ARGS...]`: send one OSC message to a running daemon, print the reply."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG = Path("config.toml")
+
+EPILOG = """examples:
+  rwkv-music osc /rwkv/status                 # every value, one per line
+  rwkv-music osc temperature 0.8              # the prefix is added to a bare name
+  rwkv-music osc mode s:autopilot             # s: i: f: force an argument's OSC type
+  rwkv-music osc length 4
+  rwkv-music osc trigger
+  rwkv-music osc reload runs/mine/step-0001200.safetensors
+  rwkv-music osc --port 9001 status --json
+
+Arguments are sent as OSC int when they parse as an integer, float when they parse as a
+number, else as a string; prefix one with i:, f: or s: to choose. Exit status: 0 for an ack
+or a status reply, 1 when the daemon answers with an error, 2 when nothing answers.
+Host, port and prefix default to config.toml's [osc] section when that file exists.
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "osc",
+        help="send one OSC control message to a running daemon and print its reply",
+        description="Send one OSC message (UDP) to a running `rwkv-music daemon` and print the reply.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("address", help="OSC address (/rwkv/temperature) or a bare name (temperature)")
+    p.add_argument("args", nargs="*", help="arguments; i:/f:/s: force a type")
+    p.add_argument("--host", help="daemon host (default: [osc] host, else 127.0.0.1)")
+    p.add_argument("--port", type=int, help="daemon UDP port (default: [osc] port, else 9000)")
+    p.add_argument("--prefix", help="prefix added to a bare name (default: [osc] prefix, else /rwkv)")
+    p.add_argument("--config", type=Path, help=f"config.toml for the defaults (default: {DEFAULT_CONFIG} if present)")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the reply (default 2)")
+    p.add_argument("--json", action="store_true", help="print the reply as JSON")
+    p.set_defaults(run=run_osc)
+
+
+def parse_argument(text: str) -> Any:
+    """One command-line argument -> an OSC value: i:/f:/s: prefixes, else int, float, string."""
+    from tools.cli import UserError
+
+    kind, sep, rest = text.partition(":")
+    if sep and kind in ("i", "f", "s"):
+        try:
+            return int(rest) if kind == "i" else float(rest) if kind == "f" else rest
+        except ValueError as err:
+            raise UserError(f"argument {text!r}: not a valid {'integer' if kind == 'i' else 'number'}") from err
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def run_osc(args: argparse.Namespace) -> int:
+    from daemon.osc_server import OscConfig, send_and_wait, status_values
+    from model.settings import load_section, read_config
+
+    config_path = args.config
+    if config_path is None and DEFAULT_CONFIG.is_file():
+        config_path = DEFAULT_CONFIG
+    osc = load_section(OscConfig, read_config(config_path), "osc") if config_path else OscConfig()
+    host = args.host or ("127.0.0.1" if osc.host in ("0.0.0.0", "::") else osc.host)
+    port = args.port if args.port is not None else osc.port
+    prefix = args.prefix or osc.prefix
+    address = args.address if args.address.startswith("/") else f"{prefix}/{args.address}"
+    values = [parse_argument(a) for a in args.args]
+
+    reply, reply_args = send_and_wait(host, port, address, values, timeout=args.timeout)
+    if reply.endswith("/status"):
+        status = status_values(reply_args)
+        if args.json:
+            print(json.dumps(status, indent=2))
+        else:
+            width = max((len(k) for k in status), default=0)
+            for key, value in status.items():
+                print(f"{key:<{width}}  {value}")
+        return 0
+    if args.json:
+        print(json.dumps({"reply": reply, "args": list(reply_args)}))
+    else:
+        print(" ".join([reply, *map(str, reply_args)]))
+    if reply.endswith("/error"):
+        reason = reply_args[1] if len(reply_args) > 1 else "refused"
+        print(f"rwkv-music: the daemon refused {address}: {reason}", file=sys.stderr)
+        return 1
+    return 0
