@@ -1,11 +1,23 @@
 """The RWKV-7 network, its recurrent state, checkpoints, the REMI vocabulary and sampling.
 
     from model import RWKV7, ModelConfig, State, load, save, CheckpointMeta
+
+Names are imported on first use, so `import model.settings` (the command line's start-up)
+does not pay for importing torch.
 """
 
-from model.checkpoint import CheckpointMeta, load, read_meta, save
-from model.errors import CheckpointError, ModelError
-from model.rwkv7 import RWKV7, ModelConfig, State
+import importlib
 
-__all__ = ["RWKV7", "ModelConfig", "State", "CheckpointMeta", "load", "save", "read_meta",
-           "CheckpointError", "ModelError"]
+_EXPORTS = {
+    "RWKV7": "model.rwkv7", "ModelConfig": "model.rwkv7", "State": "model.rwkv7",
+    "CheckpointMeta": "model.checkpoint", "load": "model.checkpoint", "save": "model.checkpoint",
+    "read_meta": "model.checkpoint", "CheckpointError": "model.errors", "ModelError": "model.errors",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'model' has no attribute {name!r}")

@@ -396,3 +396,25 @@ def test_midi_ports_driver_error_ends_the_stream_with_a_typed_error(jack_server)
             await asyncio.wait_for(ports.__anext__(), RECEIVE_TIMEOUT)
 
     run(with_ports(jack_server, jack_config(), body))
+
+
+def test_ports_command_lists_the_jack_ports(jack_server, capsys):
+    """`rwkv-music ports` through the real JACK server: the JACK API and a port we open."""
+    import json
+
+    import rtmidi
+
+    from tools.cli import main as cli_main
+
+    out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name="ports-probe")
+    out.open_virtual_port("ports-probe-out")
+    try:
+        assert cli_main(["ports", "--json"]) == 0
+        apis = {a["api"]: a for a in json.loads(capsys.readouterr().out)}
+        assert apis["jack"]["error"] is None
+        assert any("ports-probe-out" in name for name in apis["jack"]["inputs"])
+        assert cli_main(["ports"]) == 0
+        assert "ports-probe-out" in capsys.readouterr().out
+    finally:
+        out.close_port()
+        del out

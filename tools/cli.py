@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "train.cli",
     "daemon.cli",
     "tools.osc_cli",
+    "tools.ports_cli",
     "tools.evaluate",
     "tools.bench",
     "tools.interop",
