@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from kernels.cpu_step import cpu_step_kernel
 from kernels.dispatch import wkv7, wkv7_step_
 
 # GroupNorm epsilon of the WKV output, from RWKV-LM's x070 (ln_x): larger than the default
@@ -399,6 +400,21 @@ class RWKV7(nn.Module):
     @torch.no_grad()
     def step(self, idx: Tensor, state: State) -> tuple[Tensor, State]:
         """One token per stream: idx [B] -> (logits [B, V], state). `state` is updated in place.
+
+        On the CPU in float32 this runs the compiled C step (kernels/cpu_step.py: one call per
+        token, the weights streamed once); elsewhere, or without a C compiler, `step_torch`.
+        """
+        weight = self.emb.weight
+        if (weight.device.type == "cpu" and weight.dtype == torch.float32 and idx.device.type == "cpu"
+                and state.wkv.dtype == torch.float32):
+            kernel = cpu_step_kernel(self)  # cached per model; None -> the PyTorch path
+            if kernel is not None:
+                return kernel.step(idx, state), state
+        return self.step_torch(idx, state)
+
+    @torch.no_grad()
+    def step_torch(self, idx: Tensor, state: State) -> tuple[Tensor, State]:
+        """The PyTorch step (the reference for the C step, and the CUDA path).
 
         No Python-side branching on values and fixed state shapes, so the call can be captured
         (CUDA graphs) or compiled.

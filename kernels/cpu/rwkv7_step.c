@@ -1,0 +1,878 @@
+/* RWKV-7 ("x070") single-token step on the CPU: one pass over the weights per token.
+ *
+ * Runs B streams through the whole network (embedding row -> ln0 -> blocks -> ln_out -> head)
+ * and updates the recurrent state in place. The math is RWKV7.step in model/rwkv7.py, which
+ * stays the reference; kernels/cpu_step.py builds this file and hands it the model's own
+ * float32 parameters by address, so nothing is packed or copied.
+ *
+ * A token is bound by reading the weights (19 MB at 6 layers x 256, 151 MB at 12 x 512), so
+ * every matrix is streamed row by row exactly once per token for all B streams (a block of
+ * rows stays in L1 while the streams use it), and the elementwise work rides along: layer
+ * norm with the token-shift mixes, LoRA activations and biases with the LoRA matvecs, and per
+ * head the value residual, kk, the WKV update, GroupNorm, bonus and gate in one pass.
+ *
+ * Threads. A token is a fixed sequence of phases (ln0; per layer: ln1 and token shift; r, k, v
+ * and the LoRA down-projections; the LoRA up-projections; the heads; the output projection;
+ * ln2 and token shift; FFN key; FFN value; then ln_out; head), each cut into small chunks (a
+ * block of about 64 KB of weight rows, a head, a block of channels). The calling thread and
+ * the helper threads claim chunks from one shared counter; whoever finishes the last chunk of
+ * a phase opens the next. Nobody waits for a thread that has not claimed anything, so on a
+ * busy machine a descheduled helper costs at most the chunk it holds, never a whole barrier:
+ * the calling thread does the rest. Helpers spin briefly between tokens, then sleep.
+ *
+ * Layouts (torch fp32, contiguous):
+ *   nn.Linear weight [out, in]; LoRA w1/a1/v1/g1 [C, D] and w2/a2/v2/g2 [D, C]; vectors [C];
+ *   r_k [H, N]; state shift [n_layer, 2, B, C]; state wkv [n_layer, B, H, N, N] (value, key).
+ */
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <stdatomic.h>
+#include <string.h>
+
+#if !defined(RWKV7_NO_THREADS) && (defined(__unix__) || defined(__APPLE__))
+#define RWKV7_THREADS 1
+#include <pthread.h>
+#include <sched.h>
+#include <time.h>
+#include <unistd.h>
+#endif
+
+#if !defined(RWKV7_SCALAR) && (defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__)))
+#include <immintrin.h>
+#endif
+
+/* ---------------------------------------------------------------------------- vectors */
+
+#if !defined(RWKV7_SCALAR) && !defined(RWKV7_NO_AVX512) && defined(__AVX512F__)
+#define VW 16
+#define SIMD_NAME "avx512"
+typedef __m512 vec;
+static inline vec v_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline void v_store(float *p, vec a) { _mm512_storeu_ps(p, a); }
+static inline vec v_set1(float x) { return _mm512_set1_ps(x); }
+static inline vec v_zero(void) { return _mm512_setzero_ps(); }
+static inline vec v_add(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline vec v_mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+static inline vec v_fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float v_sum(vec a) { return _mm512_reduce_add_ps(a); }
+static inline vec v_div(vec a, vec b) { return _mm512_div_ps(a, b); }
+static inline vec v_clamp(vec x, float lo, float hi) {
+    return _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+}
+static inline vec v_round(vec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vec v_pow2(vec p, vec n) { return _mm512_scalef_ps(p, n); } /* p * 2^n */
+#elif !defined(RWKV7_SCALAR) && defined(__AVX2__) && defined(__FMA__)
+#define VW 8
+#define SIMD_NAME "avx2"
+typedef __m256 vec;
+static inline vec v_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline void v_store(float *p, vec a) { _mm256_storeu_ps(p, a); }
+static inline vec v_set1(float x) { return _mm256_set1_ps(x); }
+static inline vec v_zero(void) { return _mm256_setzero_ps(); }
+static inline vec v_add(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline vec v_mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+static inline vec v_fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float v_sum(vec a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline vec v_div(vec a, vec b) { return _mm256_div_ps(a, b); }
+static inline vec v_clamp(vec x, float lo, float hi) {
+    return _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
+}
+static inline vec v_round(vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vec v_pow2(vec p, vec n) { /* p * 2^n for integral n in [-126, 127] */
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#else
+/* Portable fallback: the same code with one-float "vectors"; the compiler may still vectorise. */
+#define VW 1
+#define SIMD_NAME "scalar"
+typedef float vec;
+static inline vec v_load(const float *p) { return *p; }
+static inline void v_store(float *p, vec a) { *p = a; }
+static inline vec v_set1(float x) { return x; }
+static inline vec v_zero(void) { return 0.0f; }
+static inline vec v_add(vec a, vec b) { return a + b; }
+static inline vec v_mul(vec a, vec b) { return a * b; }
+static inline vec v_fma(vec a, vec b, vec c) { return a * b + c; }
+static inline float v_sum(vec a) { return a; }
+#endif
+
+#if VW > 1
+/* e^x to about 2 ulp (libm's expf is about 1): x = n ln2 + r with |r| <= ln2 / 2, a degree-7
+ * Taylor polynomial for e^r (truncation 5e-9), then the exponent. Inputs are clamped to
+ * [-87, 88], where the result is a normal float; every caller saturates long before. */
+static inline vec v_exp(vec x) {
+    x = v_clamp(x, -87.0f, 88.0f);
+    vec n = v_round(v_mul(x, v_set1(1.44269504088896341f)));
+    vec r = v_fma(n, v_set1(-0.693145751953125f), x); /* ln 2 split in two for an exact n ln2 */
+    r = v_fma(n, v_set1(-1.42860682030941723e-6f), r);
+    vec p = v_set1(1.0f / 5040.0f);
+    p = v_fma(p, r, v_set1(1.0f / 720.0f));
+    p = v_fma(p, r, v_set1(1.0f / 120.0f));
+    p = v_fma(p, r, v_set1(1.0f / 24.0f));
+    p = v_fma(p, r, v_set1(1.0f / 6.0f));
+    p = v_fma(p, r, v_set1(0.5f));
+    p = v_fma(p, r, v_set1(1.0f));
+    p = v_fma(p, r, v_set1(1.0f));
+    return v_pow2(p, n);
+}
+
+static inline vec v_sigmoid(vec x) {
+    vec one = v_set1(1.0f);
+    return v_div(one, v_add(one, v_exp(v_mul(x, v_set1(-1.0f)))));
+}
+#endif
+
+/* ---------------------------------------------------------------------------- layout */
+
+/* Parameter table: the GLOBAL entries, then PER_LAYER entries for each block. Names are the
+ * model's parameter names (per-layer ones after "blocks.<i>."), with their shapes in the size
+ * symbols of `dims`; cpu_step.py reads this string, so the order lives only here. */
+enum { G_EMB, G_LN0_W, G_LN0_B, G_LNOUT_W, G_LNOUT_B, G_HEAD, N_GLOBAL };
+enum {
+    P_LN1_W, P_LN1_B, P_LN2_W, P_LN2_B,
+    P_X_R, P_X_W, P_X_K, P_X_V, P_X_A, P_X_G,
+    P_W0, P_W1, P_W2, P_A0, P_A1, P_A2, P_V0, P_V1, P_V2, P_G1, P_G2,
+    P_K_K, P_K_A, P_R_K,
+    P_WR, P_WK, P_WV, P_WO, P_LNX_W, P_LNX_B,
+    P_FFN_X_K, P_FFN_KEY, P_FFN_VALUE,
+    N_PER_LAYER
+};
+
+static const char LAYOUT[] =
+    "emb.weight[V,C] blocks.0.ln0.weight[C] blocks.0.ln0.bias[C] ln_out.weight[C] ln_out.bias[C] "
+    "head.weight[V,C]"
+    "|"
+    "ln1.weight[C] ln1.bias[C] ln2.weight[C] ln2.bias[C] "
+    "att.x_r[C] att.x_w[C] att.x_k[C] att.x_v[C] att.x_a[C] att.x_g[C] "
+    "att.w0[C] att.w1[C,Dw] att.w2[Dw,C] att.a0[C] att.a1[C,Da] att.a2[Da,C] "
+    "att.v0[C] att.v1[C,Dv] att.v2[Dv,C] att.g1[C,Dg] att.g2[Dg,C] "
+    "att.k_k[C] att.k_a[C] att.r_k[H,N] "
+    "att.receptance.weight[C,C] att.key.weight[C,C] att.value.weight[C,C] att.output.weight[C,C] "
+    "att.ln_x.weight[C] att.ln_x.bias[C] "
+    "ffn.x_k[C] ffn.key.weight[F,C] ffn.value.weight[C,F]";
+
+/* dims[] order; also the size symbols of LAYOUT. */
+enum { D_LAYER, D_C, D_H, D_N, D_V, D_F, D_DW, D_DA, D_DV, D_DG, N_DIMS };
+static const char DIM_NAMES[] = "L C H N V F Dw Da Dv Dg";
+
+/* e^-0.5: the step's decay is exp(-e^-0.5 * sigmoid(z)) (see TimeMix.step). */
+#define EXP_MINUS_HALF 0.60653065971263342f
+
+const char *rwkv7_layout(void) { return LAYOUT; }
+const char *rwkv7_dim_names(void) { return DIM_NAMES; }
+const char *rwkv7_simd(void) { return SIMD_NAME; }
+
+/* Whether helper threads are compiled in (POSIX threads). */
+int rwkv7_threads(void) {
+#ifdef RWKV7_THREADS
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* ---------------------------------------------------------------------------- small pieces */
+
+static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+/* x[i] = sigmoid(bias[i] + x[i]) (bias may be NULL). */
+static void sigmoid_bias(const float *bias, float *x, int n) {
+    int i = 0;
+#if VW > 1
+    for (; i + VW <= n; i += VW) {
+        vec z = bias ? v_add(v_load(bias + i), v_load(x + i)) : v_load(x + i);
+        v_store(x + i, v_sigmoid(z));
+    }
+#endif
+    for (; i < n; i++) x[i] = sigmoidf((bias ? bias[i] : 0.0f) + x[i]);
+}
+
+/* The decay: x[i] = exp(-e^-0.5 * sigmoid(w0[i] + x[i])) = exp(-exp(w)), w = logsigmoid(z) - 0.5. */
+static void decay_of(const float *w0, float *x, int n) {
+    int i = 0;
+#if VW > 1
+    for (; i + VW <= n; i += VW) {
+        vec sig = v_sigmoid(v_add(v_load(w0 + i), v_load(x + i)));
+        v_store(x + i, v_exp(v_mul(sig, v_set1(-EXP_MINUS_HALF))));
+    }
+#endif
+    for (; i < n; i++) x[i] = expf(-EXP_MINUS_HALF * sigmoidf(w0[i] + x[i]));
+}
+
+static float vec_sum(const float *x, int n) {
+    vec acc0 = v_zero(), acc1 = v_zero();
+    int i = 0;
+    for (; i + 2 * VW <= n; i += 2 * VW) {
+        acc0 = v_add(acc0, v_load(x + i));
+        acc1 = v_add(acc1, v_load(x + i + VW));
+    }
+    for (; i + VW <= n; i += VW) acc0 = v_add(acc0, v_load(x + i));
+    float s = v_sum(v_add(acc0, acc1));
+    for (; i < n; i++) s += x[i];
+    return s;
+}
+
+static float vec_dot(const float *x, const float *y, int n) {
+    vec acc0 = v_zero(), acc1 = v_zero();
+    int i = 0;
+    for (; i + 2 * VW <= n; i += 2 * VW) {
+        acc0 = v_fma(v_load(x + i), v_load(y + i), acc0);
+        acc1 = v_fma(v_load(x + i + VW), v_load(y + i + VW), acc1);
+    }
+    for (; i + VW <= n; i += VW) acc0 = v_fma(v_load(x + i), v_load(y + i), acc0);
+    float s = v_sum(v_add(acc0, acc1));
+    for (; i < n; i++) s += x[i] * y[i];
+    return s;
+}
+
+/* Centred sum of squares, two-pass like torch's layer norm (no E[x^2] - E[x]^2 cancellation). */
+static float vec_centred_sq(const float *x, float mean, int n) {
+    vec neg_mean = v_set1(-mean), acc = v_zero();
+    int i = 0;
+    for (; i + VW <= n; i += VW) {
+        vec t = v_add(v_load(x + i), neg_mean);
+        acc = v_fma(t, t, acc);
+    }
+    float s = v_sum(acc);
+    for (; i < n; i++) s += (x[i] - mean) * (x[i] - mean);
+    return s;
+}
+
+/* Mean and 1 / sqrt(var + eps) of n values (biased variance, as LayerNorm and GroupNorm). */
+static void norm_stats(const float *x, int n, float eps, float *mean, float *inv) {
+    *mean = vec_sum(x, n) / (float)n;
+    float var = vec_centred_sq(x, *mean, n) / (float)n;
+    *inv = 1.0f / sqrtf(var + eps);
+}
+
+/* out[i] = (x[i] - mean) * inv * w[i] + b[i] for i in [lo, hi). */
+static void norm_apply(const float *x, float mean, float inv, const float *w, const float *b,
+                       int lo, int hi, float *out) {
+    for (int i = lo; i < hi; i++) out[i] = (x[i] - mean) * inv * w[i] + b[i];
+}
+
+/* ---------------------------------------------------------------------------- matvecs */
+
+enum { OUT_STORE, OUT_ADD, OUT_RELU_SQ };
+
+static inline void emit(float *o, float d, int mode) {
+    if (mode == OUT_STORE) *o = d;
+    else if (mode == OUT_ADD) *o += d;
+    else { d = d > 0.0f ? d : 0.0f; *o = d * d; }
+}
+
+/* Vectors per row per step of the matvec loop: 4 rows x UNROLL independent FMA chains keep
+ * enough loads in flight to stream at memory speed (4 x 1 chains measured 20-40% slower).
+ * AVX2 has half the registers of AVX-512. */
+#if VW == 16
+#define UNROLL 4
+#else
+#define UNROLL 2
+#endif
+
+/* nn.Linear on rows [r0, r1): out[b*ldo + row] (op)= W[row, :] . X[b*ldx + :] for b < B.
+ * W [rows, in] row-major. Four rows at a time; the four rows stay in L1 while every stream
+ * uses them, so each weight is read from memory once per token. */
+static void linear_rows(const float *W, int in, const float *X, int ldx, int B, float *out,
+                        int ldo, int r0, int r1, int mode) {
+    int row = r0;
+    for (; row + 4 <= r1; row += 4) {
+        const float *w[4] = {W + (size_t)row * in, W + (size_t)(row + 1) * in,
+                             W + (size_t)(row + 2) * in, W + (size_t)(row + 3) * in};
+        for (int b = 0; b < B; b++) {
+            const float *x = X + (size_t)b * ldx;
+            vec acc[4][UNROLL];
+            for (int q = 0; q < 4; q++)
+                for (int u = 0; u < UNROLL; u++) acc[q][u] = v_zero();
+            int i = 0;
+            for (; i + UNROLL * VW <= in; i += UNROLL * VW) {
+                for (int u = 0; u < UNROLL; u++) {
+                    vec xu = v_load(x + i + u * VW);
+                    for (int q = 0; q < 4; q++) acc[q][u] = v_fma(v_load(w[q] + i + u * VW), xu, acc[q][u]);
+                }
+            }
+            for (; i + VW <= in; i += VW) {
+                vec xv = v_load(x + i);
+                for (int q = 0; q < 4; q++) acc[q][0] = v_fma(v_load(w[q] + i), xv, acc[q][0]);
+            }
+            float dot[4];
+            for (int q = 0; q < 4; q++) {
+                for (int u = 1; u < UNROLL; u++) acc[q][0] = v_add(acc[q][0], acc[q][u]);
+                dot[q] = v_sum(acc[q][0]);
+            }
+            for (; i < in; i++)
+                for (int q = 0; q < 4; q++) dot[q] += w[q][i] * x[i];
+            float *o = out + (size_t)b * ldo + row;
+            for (int q = 0; q < 4; q++) emit(o + q, dot[q], mode);
+        }
+    }
+    for (; row < r1; row++) {
+        const float *wr = W + (size_t)row * in;
+        for (int b = 0; b < B; b++)
+            emit(out + (size_t)b * ldo + row, vec_dot(wr, X + (size_t)b * ldx, in), mode);
+    }
+}
+
+/* Row vector times matrix on columns [c0, c1): out[c - c0] = sum_i x[i] * M[i*ldm + c].
+ * M [in, ldm] row-major (LoRA matrices). A block of columns stays in registers while the rows
+ * stream by; even and odd rows accumulate apart so the FMA chains overlap. */
+static void vec_mat_cols(const float *x, const float *M, int ldm, int in, int c0, int c1,
+                         float *out) {
+    int c = c0;
+    for (; c + 4 * VW <= c1; c += 4 * VW) {
+        vec s0 = v_zero(), s1 = v_zero(), s2 = v_zero(), s3 = v_zero();
+        vec t0 = v_zero(), t1 = v_zero(), t2 = v_zero(), t3 = v_zero();
+        const float *m = M + c;
+        int i = 0;
+        for (; i + 2 <= in; i += 2, m += 2 * (size_t)ldm) {
+            vec xi = v_set1(x[i]), xj = v_set1(x[i + 1]);
+            const float *n = m + ldm;
+            s0 = v_fma(xi, v_load(m), s0);
+            s1 = v_fma(xi, v_load(m + VW), s1);
+            s2 = v_fma(xi, v_load(m + 2 * VW), s2);
+            s3 = v_fma(xi, v_load(m + 3 * VW), s3);
+            t0 = v_fma(xj, v_load(n), t0);
+            t1 = v_fma(xj, v_load(n + VW), t1);
+            t2 = v_fma(xj, v_load(n + 2 * VW), t2);
+            t3 = v_fma(xj, v_load(n + 3 * VW), t3);
+        }
+        if (i < in) {
+            vec xi = v_set1(x[i]);
+            s0 = v_fma(xi, v_load(m), s0);
+            s1 = v_fma(xi, v_load(m + VW), s1);
+            s2 = v_fma(xi, v_load(m + 2 * VW), s2);
+            s3 = v_fma(xi, v_load(m + 3 * VW), s3);
+        }
+        v_store(out + c - c0, v_add(s0, t0));
+        v_store(out + c - c0 + VW, v_add(s1, t1));
+        v_store(out + c - c0 + 2 * VW, v_add(s2, t2));
+        v_store(out + c - c0 + 3 * VW, v_add(s3, t3));
+    }
+    for (; c + VW <= c1; c += VW) {
+        vec s0 = v_zero(), s1 = v_zero(), s2 = v_zero(), s3 = v_zero();
+        const float *m = M + c;
+        int i = 0;
+        for (; i + 4 <= in; i += 4, m += 4 * (size_t)ldm) {
+            s0 = v_fma(v_set1(x[i]), v_load(m), s0);
+            s1 = v_fma(v_set1(x[i + 1]), v_load(m + ldm), s1);
+            s2 = v_fma(v_set1(x[i + 2]), v_load(m + 2 * (size_t)ldm), s2);
+            s3 = v_fma(v_set1(x[i + 3]), v_load(m + 3 * (size_t)ldm), s3);
+        }
+        for (; i < in; i++, m += ldm) s0 = v_fma(v_set1(x[i]), v_load(m), s0);
+        v_store(out + c - c0, v_add(v_add(s0, s1), v_add(s2, s3)));
+    }
+    for (; c < c1; c++) {
+        float s = 0.0f;
+        for (int i = 0; i < in; i++) s += x[i] * M[(size_t)i * ldm + c];
+        out[c - c0] = s;
+    }
+}
+
+/* ---------------------------------------------------------------------------- WKV, one head */
+
+/* S [N, N] (value i, key j) <- S diag(decay) + (S a) b^T + v k^T;  y = S r.
+ * One pass over the rows: S a uses the old row, then the row is updated and dotted with r. */
+static void wkv_head(float *S, int N, const float *r, const float *decay, const float *k,
+                     const float *v, const float *a, const float *b, float *y) {
+    for (int i = 0; i < N; i++) {
+        float *s = S + (size_t)i * N;
+        float sa = vec_dot(s, a, N);
+        vec vsa = v_set1(sa), vvi = v_set1(v[i]), acc = v_zero();
+        int j = 0;
+        for (; j + VW <= N; j += VW) {
+            vec upd = v_fma(vsa, v_load(b + j), v_mul(vvi, v_load(k + j)));
+            vec sj = v_fma(v_load(s + j), v_load(decay + j), upd);
+            v_store(s + j, sj);
+            acc = v_fma(sj, v_load(r + j), acc);
+        }
+        float yi = v_sum(acc);
+        for (; j < N; j++) {
+            float sj = s[j] * decay[j] + (sa * b[j] + v[i] * k[j]);
+            s[j] = sj;
+            yi += sj * r[j];
+        }
+        y[i] = yi;
+    }
+}
+
+/* ---------------------------------------------------------------------------- one token's job */
+
+/* Work buffers in the caller's scratch memory (rwkv7_scratch_floats), shared by the threads. */
+typedef struct {
+    float *x;               /* [B, C] residual stream */
+    float *h1, *h2, *kx;    /* [B, C] ln1 output; ln2 output; ln2 output after token shift */
+    float *mix;             /* [6, B, C] ln1 output after token shift, for r, w, k, v, a, g */
+    float *r, *k, *v, *v_first, *yg; /* [B, C] */
+    float *lora;            /* [B, Dw + Da + Dv + Dg] LoRA hidden vectors after activation */
+    float *decay, *a, *g, *vgate; /* [B, C] the LoRA outputs after their activations */
+    float *hid;             /* [B, F] channel-mix hidden layer */
+    float *head_tmp;        /* [B, H, 4, N] per-head temporaries */
+} Buffers;
+
+typedef struct {
+    int32_t d[N_DIMS]; /* by value: a late helper may look at a finished job's sizes */
+    float eps[2];
+    const float *const *params;
+    int B;
+    const int64_t *idx;
+    float *shift, *wkv, *logits;
+    Buffers buf;
+    int helpers;       /* helper threads invited to this job */
+    int row_chunk_c;   /* rows per chunk of a matvec reading C inputs */
+    int row_chunk_f;   /* rows per chunk of a matvec reading F inputs */
+    int channel_chunk; /* channels per chunk of the layer-norm phases */
+} Job;
+
+/* Phases: LN0, then PER_LAYER phases per block, then LN_OUT and HEAD. */
+enum { K_LN1, K_PROJ, K_LORA_UP, K_HEADS, K_OUT, K_LN2, K_FFN_KEY, K_FFN_VALUE, PER_LAYER_PHASES };
+#define LORA_COLUMNS 32 /* LoRA down-projection columns per chunk */
+#define LORA_UP_COLUMNS 256 /* LoRA up-projection columns per chunk (1 KB of each row) */
+#define ROW_CHUNK_FLOATS 16384 /* ~64 KB of weights per matvec chunk */
+
+static int cdiv(int a, int b) { return (a + b - 1) / b; }
+
+static int phase_count(const Job *j) { return 1 + PER_LAYER_PHASES * j->d[D_LAYER] + 2; }
+
+static int lora_chunks(const Job *j) {
+    return cdiv(j->d[D_DW], LORA_COLUMNS) + cdiv(j->d[D_DA], LORA_COLUMNS) +
+           cdiv(j->d[D_DV], LORA_COLUMNS) + cdiv(j->d[D_DG], LORA_COLUMNS);
+}
+
+static int phase_chunks(const Job *j, int p) {
+    const int C = j->d[D_C], B = j->B;
+    const int ln_chunks = B * cdiv(C, j->channel_chunk);
+    if (p == 0) return ln_chunks;
+    if (p == phase_count(j) - 2) return ln_chunks;
+    if (p == phase_count(j) - 1) return cdiv(j->d[D_V], j->row_chunk_c);
+    switch ((p - 1) % PER_LAYER_PHASES) {
+    case K_LN1: case K_LN2: return ln_chunks;
+    case K_PROJ: return lora_chunks(j) + 3 * cdiv(C, j->row_chunk_c);
+    case K_LORA_UP: return 4 * cdiv(C, LORA_UP_COLUMNS);
+    case K_HEADS: return B * j->d[D_H];
+    case K_OUT: return cdiv(C, j->row_chunk_c);
+    case K_FFN_KEY: return cdiv(j->d[D_F], j->row_chunk_c);
+    default: return cdiv(C, j->row_chunk_f); /* K_FFN_VALUE */
+    }
+}
+
+/* Layer norm of stream b's residual on the channels of chunk `blk`, which [lo, hi) receives. */
+static void ln_chunk(const Job *j, const float *w, const float *b_, int b, int blk, float *out,
+                     int *lo, int *hi) {
+    const int C = j->d[D_C];
+    const float *x = j->buf.x + (size_t)b * C;
+    float mean, inv;
+    norm_stats(x, C, j->eps[0], &mean, &inv);
+    *lo = blk * j->channel_chunk;
+    *hi = *lo + j->channel_chunk < C ? *lo + j->channel_chunk : C;
+    norm_apply(x, mean, inv, w, b_, *lo, *hi, out + (size_t)b * C);
+}
+
+/* The LoRA up-projections on columns [lo, hi) of matrix q (0 decay, 1 a, 2 g, 3 value gate),
+ * with their activations: row-major passes over [D, C], so the rows stream. */
+static void lora_up_chunk(const Job *j, const float *const *P, int layer, int q, int lo, int hi) {
+    const int32_t *d = j->d;
+    const int C = d[D_C], Dsum = d[D_DW] + d[D_DA] + d[D_DV] + d[D_DG];
+    const int off[4] = {0, d[D_DW], d[D_DW] + d[D_DA] + d[D_DV], d[D_DW] + d[D_DA]};
+    const int rows[4] = {d[D_DW], d[D_DA], d[D_DG], d[D_DV]};
+    const float *mats[4] = {P[P_W2], P[P_A2], P[P_G2], P[P_V2]};
+    float *outs[4] = {j->buf.decay, j->buf.a, j->buf.g, j->buf.vgate};
+    if (q == 3 && layer == 0) return; /* layer 0 has no value residual */
+    for (int b = 0; b < j->B; b++) {
+        float *o = outs[q] + (size_t)b * C + lo;
+        vec_mat_cols(j->buf.lora + (size_t)b * Dsum + off[q], mats[q], C, rows[q], lo, hi, o);
+        if (q == 0) decay_of(P[P_W0] + lo, o, hi - lo);
+        if (q == 1) sigmoid_bias(P[P_A0] + lo, o, hi - lo);
+        if (q == 3) sigmoid_bias(P[P_V0] + lo, o, hi - lo);
+    }
+}
+
+/* The rest of the time mix for stream b and head hd: value residual, kk, the WKV update,
+ * GroupNorm, bonus, gate. */
+static void time_mix_head(const Job *j, const float *const *P, int layer, int b, int hd) {
+    const int32_t *d = j->d;
+    const int C = d[D_C], N = d[D_N], H = d[D_H];
+    const int c0 = hd * N;
+    const size_t at = (size_t)b * C + c0;
+    const float *r = j->buf.r + at, *k = j->buf.k + at;
+    const float *decay = j->buf.decay + at, *a = j->buf.a + at, *g = j->buf.g + at;
+    float *v = j->buf.v + at, *v_first = j->buf.v_first + at;
+    float *tmp = j->buf.head_tmp + ((size_t)b * H + hd) * 4 * N;
+    float *kk = tmp, *kb = tmp + N, *kmod = tmp + 2 * N, *y = tmp + 3 * N;
+
+    if (layer == 0) {
+        memcpy(v_first, v, sizeof(float) * N);
+    } else {
+        const float *vgate = j->buf.vgate + at;
+        for (int i = 0; i < N; i++) v[i] = v[i] + (v_first[i] - v[i]) * vgate[i];
+    }
+    const float *k_k = P[P_K_K] + c0, *k_a = P[P_K_A] + c0, *r_k = P[P_R_K] + (size_t)hd * N;
+    for (int i = 0; i < N; i++) kk[i] = k[i] * k_k[i];
+    float norm = sqrtf(vec_dot(kk, kk, N));
+    float inv = 1.0f / (norm > 1e-12f ? norm : 1e-12f); /* F.normalize's eps */
+    float bonus = 0.0f;
+    for (int i = 0; i < N; i++) {
+        float kn = kk[i] * inv;
+        kk[i] = -kn;       /* a of the WKV update */
+        kb[i] = kn * a[i]; /* b of the WKV update */
+        kmod[i] = k[i] * (1.0f + (a[i] - 1.0f) * k_a[i]);
+        bonus += r[i] * kmod[i] * r_k[i];
+    }
+    float *S = j->wkv + (((size_t)layer * j->B + b) * H + hd) * (size_t)N * N;
+    wkv_head(S, N, r, decay, kmod, v, kk, kb, y);
+    float mean, inv_std;
+    norm_stats(y, N, j->eps[1], &mean, &inv_std);
+    norm_apply(y, mean, inv_std, P[P_LNX_W] + c0, P[P_LNX_B] + c0, 0, N, y);
+    float *yg = j->buf.yg + at;
+    for (int i = 0; i < N; i++) yg[i] = (y[i] + bonus * v[i]) * g[i];
+    /* the ln1 phase, the only reader of this layer's att shift, is over */
+    float *shift0 = j->shift + (((size_t)layer * 2 + 0) * j->B + b) * C + c0;
+    memcpy(shift0, j->buf.h1 + at, sizeof(float) * N);
+}
+
+static void rows_of(int chunk, int per_chunk, int rows, int *lo, int *hi) {
+    *lo = chunk * per_chunk;
+    *hi = *lo + per_chunk < rows ? *lo + per_chunk : rows;
+}
+
+static void run_chunk(const Job *j, int p, int c) {
+    const int32_t *d = j->d;
+    const int C = d[D_C], F = d[D_F], B = j->B;
+    const int ln_blocks = cdiv(C, j->channel_chunk);
+    const float *const *G = j->params;
+    const Buffers *bf = &j->buf;
+    const size_t BC = (size_t)B * C;
+    int lo, hi;
+
+    if (p == 0) { /* ln0 of the embedding rows, straight into the residual */
+        int b = c / ln_blocks, blk = c % ln_blocks;
+        const float *e = G[G_EMB] + (size_t)j->idx[b] * C;
+        float mean, inv;
+        norm_stats(e, C, j->eps[0], &mean, &inv);
+        lo = blk * j->channel_chunk;
+        hi = lo + j->channel_chunk < C ? lo + j->channel_chunk : C;
+        norm_apply(e, mean, inv, G[G_LN0_W], G[G_LN0_B], lo, hi, bf->x + (size_t)b * C);
+        return;
+    }
+    if (p == phase_count(j) - 2) {
+        ln_chunk(j, G[G_LNOUT_W], G[G_LNOUT_B], c / ln_blocks, c % ln_blocks, bf->h1, &lo, &hi);
+        return;
+    }
+    if (p == phase_count(j) - 1) {
+        rows_of(c, j->row_chunk_c, d[D_V], &lo, &hi);
+        linear_rows(G[G_HEAD], C, bf->h1, C, B, j->logits, d[D_V], lo, hi, OUT_STORE);
+        return;
+    }
+    const int layer = (p - 1) / PER_LAYER_PHASES;
+    const float *const *P = G + N_GLOBAL + (size_t)layer * N_PER_LAYER;
+    float *shift0 = j->shift + ((size_t)layer * 2 + 0) * BC;
+    float *shift1 = j->shift + ((size_t)layer * 2 + 1) * BC;
+
+    switch ((p - 1) % PER_LAYER_PHASES) {
+    case K_LN1: {
+        int b = c / ln_blocks;
+        ln_chunk(j, P[P_LN1_W], P[P_LN1_B], b, c % ln_blocks, bf->h1, &lo, &hi);
+        const float *h = bf->h1 + (size_t)b * C, *prev = shift0 + (size_t)b * C;
+        for (int m = 0; m < 6; m++) {
+            const float *mu = P[P_X_R + m];
+            float *out = bf->mix + m * BC + (size_t)b * C;
+            for (int i = lo; i < hi; i++) out[i] = h[i] + (prev[i] - h[i]) * mu[i];
+        }
+        return;
+    }
+    case K_PROJ: {
+        const int n_lora = lora_chunks(j);
+        if (c < n_lora) {
+            const int dims[4] = {d[D_DW], d[D_DA], d[D_DV], d[D_DG]};
+            const float *mats[4] = {P[P_W1], P[P_A1], P[P_V1], P[P_G1]};
+            const int mix_of[4] = {1, 4, 3, 5}; /* xw, xa, xv, xg */
+            int q = 0, off = 0, first = 0;
+            while (c >= first + cdiv(dims[q], LORA_COLUMNS)) {
+                first += cdiv(dims[q], LORA_COLUMNS);
+                off += dims[q];
+                q++;
+            }
+            if (q == 2 && layer == 0) return; /* layer 0 has no value residual */
+            lo = (c - first) * LORA_COLUMNS;
+            hi = lo + LORA_COLUMNS < dims[q] ? lo + LORA_COLUMNS : dims[q];
+            const int Dsum = d[D_DW] + d[D_DA] + d[D_DV] + d[D_DG];
+            for (int b = 0; b < B; b++) {
+                float *o = bf->lora + (size_t)b * Dsum + off + lo;
+                vec_mat_cols(bf->mix + mix_of[q] * BC + (size_t)b * C, mats[q], dims[q], C, lo, hi, o);
+                if (q == 0) for (int i = 0; i < hi - lo; i++) o[i] = tanhf(o[i]);
+                if (q == 3) sigmoid_bias(NULL, o, hi - lo);
+            }
+            return;
+        }
+        c -= n_lora;
+        const int per = cdiv(C, j->row_chunk_c), which = c / per; /* r, k, v */
+        const int weight[3] = {P_WR, P_WK, P_WV}, mix[3] = {0, 2, 3};
+        float *outs[3] = {bf->r, bf->k, bf->v};
+        rows_of(c % per, j->row_chunk_c, C, &lo, &hi);
+        linear_rows(P[weight[which]], C, bf->mix + mix[which] * BC, C, B, outs[which], C, lo, hi, OUT_STORE);
+        return;
+    }
+    case K_LORA_UP: {
+        const int per = cdiv(C, LORA_UP_COLUMNS);
+        rows_of(c % per, LORA_UP_COLUMNS, C, &lo, &hi);
+        lora_up_chunk(j, P, layer, c / per, lo, hi);
+        return;
+    }
+    case K_HEADS:
+        time_mix_head(j, P, layer, c / d[D_H], c % d[D_H]);
+        return;
+    case K_OUT:
+        rows_of(c, j->row_chunk_c, C, &lo, &hi);
+        linear_rows(P[P_WO], C, bf->yg, C, B, bf->x, C, lo, hi, OUT_ADD);
+        return;
+    case K_LN2: {
+        int b = c / ln_blocks;
+        ln_chunk(j, P[P_LN2_W], P[P_LN2_B], b, c % ln_blocks, bf->h2, &lo, &hi);
+        const float *h = bf->h2 + (size_t)b * C, *prev = shift1 + (size_t)b * C;
+        const float *mu = P[P_FFN_X_K];
+        float *out = bf->kx + (size_t)b * C;
+        for (int i = lo; i < hi; i++) out[i] = h[i] + (prev[i] - h[i]) * mu[i];
+        return;
+    }
+    case K_FFN_KEY:
+        rows_of(c, j->row_chunk_c, F, &lo, &hi);
+        linear_rows(P[P_FFN_KEY], C, bf->kx, C, B, bf->hid, F, lo, hi, OUT_RELU_SQ);
+        return;
+    default: /* K_FFN_VALUE; the ln2 phase, the only reader of the ffn shift, is over */
+        rows_of(c, j->row_chunk_f, C, &lo, &hi);
+        linear_rows(P[P_FFN_VALUE], F, bf->hid, F, B, bf->x, C, lo, hi, OUT_ADD);
+        for (int b = 0; b < B; b++)
+            memcpy(shift1 + (size_t)b * C + lo, bf->h2 + (size_t)b * C + lo, sizeof(float) * (hi - lo));
+        return;
+    }
+}
+
+/* ---------------------------------------------------------------------------- scheduling */
+
+/* The shared counters pack (epoch, phase, chunk): 24, 16 and 24 bits. `next` hands out chunks
+ * of the open phase, `done` counts the finished ones; the thread that finishes a phase's last
+ * chunk opens the next phase. A thread holding another epoch's view sees the mismatch and
+ * leaves, so a job never waits for a thread that has not claimed one of its chunks. */
+#define PACK(e, p, c) (((uint64_t)((e) & 0xFFFFFFu) << 40) | ((uint64_t)(p) << 24) | (uint64_t)(c))
+#define EPOCH_OF(v) ((uint32_t)((v) >> 40))
+#define PHASE_OF(v) ((int)(((v) >> 24) & 0xFFFFu))
+#define CHUNK_OF(v) ((int)((v) & 0xFFFFFFu))
+
+static _Alignas(64) _Atomic uint64_t g_next;
+static _Alignas(64) _Atomic uint64_t g_done;
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Wait politely: spin a little, then give the core away (the thread we wait for may need it). */
+static inline void backoff(int *spins) {
+    if (++*spins < 2000) {
+        cpu_relax();
+    } else {
+#ifdef RWKV7_THREADS
+        sched_yield();
+#endif
+    }
+}
+
+/* Claim and run chunks until the job is over (0) or it is not this epoch's job any more (-1). */
+static int work(const Job *j, uint32_t epoch) {
+    const int n_phases = phase_count(j);
+    int spins = 0;
+    for (;;) {
+        uint64_t v = atomic_load_explicit(&g_next, memory_order_acquire);
+        if (EPOCH_OF(v) != (epoch & 0xFFFFFFu)) return -1;
+        const int p = PHASE_OF(v), c = CHUNK_OF(v);
+        if (p >= n_phases) return 0;
+        const int n = phase_chunks(j, p);
+        if (c >= n) { /* all handed out: wait for the holders to finish */
+            backoff(&spins);
+            continue;
+        }
+        if (!atomic_compare_exchange_weak_explicit(&g_next, &v, v + 1, memory_order_acq_rel,
+                                                   memory_order_acquire))
+            continue;
+        spins = 0;
+        run_chunk(j, p, c);
+        uint64_t finished = atomic_fetch_add_explicit(&g_done, 1, memory_order_acq_rel) + 1;
+        if (CHUNK_OF(finished) == n) {
+            uint64_t open = PACK(epoch, p + 1, 0);
+            atomic_store_explicit(&g_done, open, memory_order_relaxed);
+            atomic_store_explicit(&g_next, open, memory_order_release);
+        }
+    }
+}
+
+#ifdef RWKV7_THREADS
+
+#define MAX_HELPERS 63
+#define HELPER_SPIN_NS 200000 /* a helper spins this long for the next token, then sleeps */
+
+static Job g_jobs[2]; /* job of epoch e in g_jobs[e & 1] */
+static _Alignas(64) _Atomic uint32_t g_epoch;
+static _Atomic int g_sleepers;
+static pthread_mutex_t g_sleep_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_wake = PTHREAD_COND_INITIALIZER;
+static pthread_mutex_t g_call_lock = PTHREAD_MUTEX_INITIALIZER;
+static int g_helpers_started;
+static pid_t g_pool_pid;
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static void *helper_main(void *arg) {
+    const int id = (int)(intptr_t)arg;
+    uint32_t seen = atomic_load(&g_epoch);
+    for (;;) {
+        uint32_t e = atomic_load_explicit(&g_epoch, memory_order_acquire);
+        if (e == seen) {
+            int64_t start = now_ns();
+            while ((e = atomic_load_explicit(&g_epoch, memory_order_acquire)) == seen &&
+                   now_ns() - start < HELPER_SPIN_NS)
+                for (int i = 0; i < 64; i++) cpu_relax();
+            if (e == seen) {
+                pthread_mutex_lock(&g_sleep_lock);
+                atomic_fetch_add(&g_sleepers, 1);
+                while ((e = atomic_load(&g_epoch)) == seen) pthread_cond_wait(&g_wake, &g_sleep_lock);
+                atomic_fetch_sub(&g_sleepers, 1);
+                pthread_mutex_unlock(&g_sleep_lock);
+            }
+        }
+        seen = e;
+        const Job *j = &g_jobs[e & 1];
+        if (id < j->helpers) work(j, e);
+    }
+    return NULL;
+}
+
+/* Start helpers up to `wanted` (never stops any: extra ones are simply not invited). */
+static int ensure_helpers(int wanted) {
+    if (g_pool_pid != getpid()) { /* a fork() child has none of the parent's threads */
+        g_pool_pid = getpid();
+        g_helpers_started = 0;
+    }
+    if (wanted > MAX_HELPERS) wanted = MAX_HELPERS;
+    while (g_helpers_started < wanted) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int failed = pthread_create(&t, &attr, helper_main, (void *)(intptr_t)g_helpers_started);
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+        g_helpers_started++;
+    }
+    return g_helpers_started < wanted ? g_helpers_started : wanted;
+}
+
+static uint32_t g_last_epoch;
+
+static void run_job(const Job *proto, int nthreads) {
+    pthread_mutex_lock(&g_call_lock);
+    uint32_t e = ++g_last_epoch;
+    Job *j = &g_jobs[e & 1];
+    *j = *proto;
+    j->helpers = nthreads > 1 ? ensure_helpers(nthreads - 1) : 0;
+    uint64_t open = PACK(e, 0, 0);
+    atomic_store_explicit(&g_done, open, memory_order_relaxed);
+    atomic_store_explicit(&g_next, open, memory_order_release);
+    atomic_store(&g_epoch, e); /* sequentially consistent against a helper going to sleep */
+    if (j->helpers > 0 && atomic_load(&g_sleepers) > 0) {
+        pthread_mutex_lock(&g_sleep_lock);
+        pthread_cond_broadcast(&g_wake);
+        pthread_mutex_unlock(&g_sleep_lock);
+    }
+    work(j, e);
+    pthread_mutex_unlock(&g_call_lock);
+}
+
+#else
+
+static void run_job(const Job *proto, int nthreads) {
+    (void)nthreads;
+    static uint32_t epoch;
+    epoch++;
+    uint64_t open = PACK(epoch, 0, 0);
+    atomic_store(&g_done, open);
+    atomic_store(&g_next, open);
+    work(proto, epoch);
+}
+
+#endif
+
+/* ---------------------------------------------------------------------------- entry points */
+
+/* Floats of scratch memory rwkv7_step needs for `batch` streams. */
+int64_t rwkv7_scratch_floats(const int32_t *d, int32_t batch) {
+    const int64_t B = batch, C = d[D_C];
+    return B * (23 * C + d[D_DW] + d[D_DA] + d[D_DV] + d[D_DG] + d[D_F]);
+}
+
+static int round4(int x) { return x < 4 ? 4 : (x + 3) / 4 * 4; }
+
+/* One token for `batch` streams. dims: see D_*; eps: {layer-norm eps, GroupNorm eps};
+ * params: the LAYOUT table; idx [batch] token ids; shift, wkv: the State tensors (updated in
+ * place); logits [batch, V] written; scratch: rwkv7_scratch_floats(dims, batch) floats;
+ * nthreads: the calling thread plus nthreads - 1 helpers.
+ * Returns 0; 1 + the position of the first token id out of range; -1 for more than 9000
+ * layers (nothing is touched on an error). */
+int rwkv7_step(const int32_t *dims, const float *eps, const float *const *params, int32_t batch,
+               const int64_t *idx, float *shift, float *wkv, float *logits, float *scratch,
+               int32_t nthreads) {
+    for (int b = 0; b < batch; b++)
+        if (idx[b] < 0 || idx[b] >= dims[D_V]) return 1 + b;
+    if (batch < 1) return 0;
+    Job j;
+    memset(&j, 0, sizeof j);
+    memcpy(j.d, dims, sizeof j.d);
+    j.eps[0] = eps[0];
+    j.eps[1] = eps[1];
+    j.params = params;
+    j.B = batch;
+    j.idx = idx;
+    j.shift = shift;
+    j.wkv = wkv;
+    j.logits = logits;
+    const int C = dims[D_C], F = dims[D_F];
+    j.row_chunk_c = round4(ROW_CHUNK_FLOATS / C);
+    j.row_chunk_f = round4(ROW_CHUNK_FLOATS / F);
+    j.channel_chunk = 128;
+    const size_t BC = (size_t)batch * C;
+    float *p = scratch;
+    j.buf.x = p; p += BC;
+    j.buf.h1 = p; p += BC;
+    j.buf.h2 = p; p += BC;
+    j.buf.kx = p; p += BC;
+    j.buf.mix = p; p += 6 * BC;
+    j.buf.r = p; p += BC;
+    j.buf.k = p; p += BC;
+    j.buf.v = p; p += BC;
+    j.buf.v_first = p; p += BC;
+    j.buf.yg = p; p += BC;
+    j.buf.decay = p; p += BC;
+    j.buf.a = p; p += BC;
+    j.buf.g = p; p += BC;
+    j.buf.vgate = p; p += BC;
+    j.buf.head_tmp = p; p += 4 * BC;
+    j.buf.lora = p; p += (size_t)batch * (dims[D_DW] + dims[D_DA] + dims[D_DV] + dims[D_DG]);
+    j.buf.hid = p; p += (size_t)batch * F;
+    if (phase_count(&j) > 0xFFFF) return -1; /* more layers than the phase counter holds */
+    run_job(&j, nthreads < 1 ? 1 : nthreads);
+    return 0;
+}

@@ -1,0 +1,474 @@
+"""The fused CPU single-token step: build kernels/cpu/rwkv7_step.c on first use, load, call.
+
+`CpuStepKernel.for_model(model)` returns a kernel that runs one token of an RWKV7 for B
+streams in one C call (`kernel.step(idx, state) -> logits`), or None with one warning line when
+it cannot be used here (no C compiler, a failed build, a model that is not float32 on the
+CPU); the caller then keeps the PyTorch step. `cpu_step_kernel(model)` does the same once per
+model and remembers the answer, for `RWKV7.step` to route through.
+
+The kernel reads the model's parameters in place by address; the address table is rebuilt
+when a parameter's storage moves (checked on every call: one data_ptr per parameter), so the
+kernel always runs the model's current weights. The recurrent State is updated in place.
+
+The library is compiled with the system C compiler (`cc`, or $RWKV_MUSIC_CC) and cached:
+
+    $RWKV_MUSIC_CACHE/cpu/rwkv7_step-<key>.so   (default ~/.cache/rwkv-music, or $XDG_CACHE_HOME/rwkv-music)
+    key = hash of the C source, the compiler command, the flags and the CPU's feature flags
+
+Flags: -O3 -march=native (the vector units of this CPU: AVX-512, AVX2+FMA, else portable
+code) and -pthread. Threads: the caller plus helpers, at most torch.get_num_threads(); by
+default each call runs on one thread or on all of them, whichever has been faster lately
+(`ThreadChoice`: on a machine whose other cores are busy, helpers that get descheduled make
+two threads slower than one). The result is bitwise the same either way. Never
+-ffast-math: the step must agree with the PyTorch step to 1e-5. RWKV_MUSIC_NO_CPU_STEP=1 makes
+`cpu_step_kernel` answer None (the PyTorch step).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import tempfile
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from kernels.errors import KernelError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from model.rwkv7 import State
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "cpu" / "rwkv7_step.c"
+COMPILER_ENV = "RWKV_MUSIC_CC"
+CACHE_ENV = "RWKV_MUSIC_CACHE"
+DISABLE_ENV = "RWKV_MUSIC_NO_CPU_STEP"
+FALLBACK = "the PyTorch step is used instead"
+# Tried in order, the first that compiles wins: a compiler without -march=native (or without
+# -pthread) still gives a working, slower library.
+FLAG_SETS: tuple[tuple[str, ...], ...] = (
+    ("-O3", "-march=native", "-pthread"),
+    ("-O3", "-pthread"),
+    ("-O3",),
+)
+COMPILE_TIMEOUT_S = 120
+
+
+class CpuStepUnavailableError(KernelError):
+    """The CPU step kernel cannot be used: no compiler, a failed build, an unsupported model."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"CPU step kernel unavailable: {reason}")
+        self.reason = reason
+
+
+class CpuStepInputError(KernelError, ValueError):
+    """`CpuStepKernel.step` got token ids or a State that do not fit the model."""
+
+    def __init__(self, what: str, reason: str):
+        super().__init__(f"CPU step: {what}: {reason}")
+        self.what = what
+        self.reason = reason
+
+
+# ------------------------------------------------------------------------------- the library
+
+
+@dataclass(frozen=True)
+class CpuStepLibrary:
+    """A loaded build of rwkv7_step.c and what it was built with."""
+
+    path: Path
+    cdll: ctypes.CDLL
+    flags: tuple[str, ...]
+    simd: str  # "avx512", "avx2" or "scalar": the vector code compiled in
+    threads: bool  # helper threads compiled in (POSIX threads)
+    global_params: tuple[tuple[str, tuple[str, ...]], ...]  # (name, shape symbols)
+    layer_params: tuple[tuple[str, tuple[str, ...]], ...]  # names after "blocks.<i>."
+    dim_names: tuple[str, ...]
+
+    def describe(self) -> str:
+        threads = "threads" if self.threads else "one thread"
+        return f"{self.simd}, {threads}, {' '.join(self.flags)}"
+
+
+_library_lock = threading.Lock()
+_libraries: dict[str, CpuStepLibrary | CpuStepUnavailableError] = {}
+
+
+def cache_root(environ: Mapping[str, str] = os.environ) -> Path:
+    """$RWKV_MUSIC_CACHE, else $XDG_CACHE_HOME/rwkv-music, else ~/.cache/rwkv-music."""
+    if environ.get(CACHE_ENV):
+        return Path(environ[CACHE_ENV]).expanduser()
+    base = Path(environ["XDG_CACHE_HOME"]) if environ.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return base / "rwkv-music"
+
+
+def compiler_command(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """The C compiler to run: $RWKV_MUSIC_CC (may carry arguments), else `cc`."""
+    return shlex.split(environ.get(COMPILER_ENV, "") or "cc")
+
+
+def cpu_signature() -> str:
+    """What -march=native depends on: the CPU model and feature flags (Linux), else the platform."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features"))]
+        fields = {ln.split(":", 1)[0].strip(): ln.split(":", 1)[1].strip() for ln in lines}
+        if fields:
+            return " | ".join(f"{k}: {v}" for k, v in sorted(fields.items()))
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()} {platform.system()}"
+
+
+def library_key(compiler: list[str]) -> str:
+    """The cache key: a hash of the source, the compiler command, the flag sets and the CPU."""
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(compiler).encode(), repr(FLAG_SETS).encode(),
+                 cpu_signature().encode()):
+        digest.update(part)
+        digest.update(b"\0")
+    return digest.hexdigest()[:20]
+
+
+def load_library() -> CpuStepLibrary:
+    """The compiled kernel library for this source, compiler and CPU: cached on disk and per
+    process. Raises CpuStepUnavailableError (remembered for the process) when it cannot be built."""
+    compiler = compiler_command()
+    key = library_key(compiler)
+    with _library_lock:
+        outcome = _libraries.get(key)
+        if outcome is None:
+            try:
+                outcome = _build_and_load(compiler, key)
+            except CpuStepUnavailableError as err:
+                outcome = err
+            _libraries[key] = outcome
+    if isinstance(outcome, CpuStepUnavailableError):
+        raise outcome
+    return outcome
+
+
+def _build_and_load(compiler: list[str], key: str) -> CpuStepLibrary:
+    directory = cache_root() / "cpu"
+    path = directory / f"rwkv7_step-{key}.so"
+    flags_path = path.with_suffix(".flags")
+    if path.exists() and flags_path.exists():
+        flags = tuple(flags_path.read_text().split())
+        log.debug("CPU step kernel: cached build %s", path)
+    else:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CpuStepUnavailableError(f"cannot create the build folder {directory} ({err})") from err
+        flags = _compile(compiler, directory, path)
+        tmp = flags_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(" ".join(flags))
+        os.replace(tmp, flags_path)
+    try:
+        cdll = ctypes.CDLL(str(path))
+    except OSError as err:
+        raise CpuStepUnavailableError(f"cannot load {path} ({err})") from err
+    return _describe(path, cdll, flags)
+
+
+def _compile(compiler: list[str], directory: Path, path: Path) -> tuple[str, ...]:
+    """Compile with the first flag set that works into `path` (atomically); the flags used."""
+    failures = []
+    for flags in FLAG_SETS:
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+        os.close(fd)
+        cmd = [*compiler, *flags, "-fPIC", "-shared", str(SOURCE), "-o", tmp, "-lm"]
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            os.unlink(tmp)
+            # No compiler at all: the other flag sets cannot do better.
+            raise CpuStepUnavailableError(f"cannot run the C compiler {shlex.join(compiler)!r} ({err})") from err
+        if result.returncode == 0:
+            os.replace(tmp, path)
+            log.info("CPU step kernel built with %s %s", shlex.join(compiler), " ".join(flags))
+            return flags
+        os.unlink(tmp)
+        last = (result.stderr.strip().splitlines() or ["no message"])[-1]
+        failures.append(f"{' '.join(flags)}: {last}")
+        log.debug("CPU step kernel: %s failed:\n%s", shlex.join(cmd), result.stderr)
+    raise CpuStepUnavailableError(f"{shlex.join(compiler)} could not build {SOURCE.name} ({'; '.join(failures)})")
+
+
+def _describe(path: Path, cdll: ctypes.CDLL, flags: tuple[str, ...]) -> CpuStepLibrary:
+    for name in ("rwkv7_layout", "rwkv7_dim_names", "rwkv7_simd"):
+        getattr(cdll, name).restype = ctypes.c_char_p
+        getattr(cdll, name).argtypes = []
+    cdll.rwkv7_threads.restype = ctypes.c_int
+    cdll.rwkv7_scratch_floats.restype = ctypes.c_int64
+    cdll.rwkv7_scratch_floats.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+    cdll.rwkv7_step.restype = ctypes.c_int
+    cdll.rwkv7_step.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int32] + [ctypes.c_void_p] * 5 + [ctypes.c_int32]
+
+    def parse(section: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        entries = []
+        for item in section.split():
+            name, shape = item.rstrip("]").split("[")
+            entries.append((name, tuple(shape.split(","))))
+        return tuple(entries)
+
+    global_part, layer_part = cdll.rwkv7_layout().decode().split("|")
+    return CpuStepLibrary(
+        path=path, cdll=cdll, flags=flags, simd=cdll.rwkv7_simd().decode(),
+        threads=bool(cdll.rwkv7_threads()), global_params=parse(global_part),
+        layer_params=parse(layer_part), dim_names=tuple(cdll.rwkv7_dim_names().decode().split()),
+    )
+
+
+# ------------------------------------------------------------------------------- threads
+
+
+class ThreadChoice:
+    """Chooses one thread or `most` threads per call from the step times seen lately.
+
+    Each option keeps its last WINDOW wall times; the option with the lower median runs, and
+    every EXPLORE_EVERY-th call runs the other one so that its times stay current (the load
+    from other work comes and goes). A step's work is fixed, so its time only says how busy the
+    machine is.
+    """
+
+    WINDOW = 5
+    WARMUP = 3  # samples of each option before choosing
+    EXPLORE_EVERY = 16
+
+    def __init__(self) -> None:
+        self._times: dict[int, deque[float]] = {}
+        self._calls = 0
+
+    def choose(self, most: int) -> int:
+        if most <= 1:
+            return 1
+        self._calls += 1
+        options = (1, most)
+        for n in options:
+            if len(self._times.setdefault(n, deque(maxlen=self.WINDOW))) < self.WARMUP:
+                return n
+        best, other = sorted(options, key=self._median)
+        return other if self._calls % self.EXPLORE_EVERY == 0 else best
+
+    def record(self, threads: int, seconds: float) -> None:
+        self._times.setdefault(threads, deque(maxlen=self.WINDOW)).append(seconds)
+
+    def _median(self, threads: int) -> float:
+        times = sorted(self._times[threads])
+        return times[len(times) // 2]
+
+
+# ------------------------------------------------------------------------------- the kernel
+
+
+@dataclass
+class _Binding:
+    """The model's parameters as the C side sees them, valid while `ptrs` are current."""
+
+    dims: dict[str, int]
+    dims_c: ctypes.Array
+    eps_c: ctypes.Array
+    ptrs: list[int]
+    ptrs_c: ctypes.Array
+
+
+class CpuStepKernel:
+    """One token of an RWKV7 for B streams on the CPU in one call (see the module docstring)."""
+
+    def __init__(self, library: CpuStepLibrary, model: nn.Module):
+        self.library = library
+        # A weak reference: `cpu_step_kernel` keeps kernels in a dict keyed weakly by model.
+        self._model = weakref.ref(model)
+        self._slots = self._parameter_slots(model)
+        self._binding = self._bind(model)
+        self._scratch: dict[int, Tensor] = {}  # per batch size
+        self._thread_choice: dict[tuple[int, int], ThreadChoice] = {}  # per (batch, most threads)
+        self._lock = threading.Lock()  # the scratch memory is shared by calls
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> CpuStepKernel | None:
+        """A kernel for `model`, or None (with one warning line) when it cannot be used."""
+        try:
+            return cls(load_library(), model)
+        except CpuStepUnavailableError as err:
+            log.warning("%s; %s", err, FALLBACK)
+            return None
+
+    # ---------------------------------------------------------------- binding to the model
+
+    def _parameter_slots(self, model: nn.Module) -> list[tuple[dict, str]]:
+        """(the owning module's _parameters dict, key) for every parameter in the table, so a
+        step can see a replaced parameter with one dict lookup and one data_ptr each."""
+        lib = self.library
+        n_layer = len(model.blocks) if hasattr(model, "blocks") else 0
+        names = [name for name, _ in lib.global_params]
+        names += [f"blocks.{i}.{name}" for i in range(n_layer) for name, _ in lib.layer_params]
+        slots = []
+        for name in names:
+            owner, _, attr = name.rpartition(".")
+            try:
+                module = model.get_submodule(owner)
+            except AttributeError as err:
+                raise CpuStepUnavailableError(f"the model has no {name}") from err
+            if attr not in module._parameters or module._parameters[attr] is None:
+                raise CpuStepUnavailableError(f"the model has no parameter {name}")
+            slots.append((module._parameters, attr))
+        return slots
+
+    def _bind(self, model: nn.Module) -> _Binding:
+        """Check every parameter (float32, CPU, contiguous, expected shape) and take addresses."""
+        lib = self.library
+        tensors = [params[attr] for params, attr in self._slots]
+        by_name = dict(zip([n for n, _ in lib.global_params] + [n for n, _ in lib.layer_params],
+                           tensors, strict=False))
+        emb, r_k = by_name["emb.weight"], by_name["att.r_k"]
+        dims = {
+            "L": len(model.blocks), "V": emb.shape[0], "C": emb.shape[1], "H": r_k.shape[0],
+            "N": r_k.shape[1], "F": by_name["ffn.key.weight"].shape[0],
+            "Dw": by_name["att.w1"].shape[1], "Da": by_name["att.a1"].shape[1],
+            "Dv": by_name["att.v1"].shape[1], "Dg": by_name["att.g1"].shape[1],
+        }
+        if dims["H"] * dims["N"] != dims["C"]:
+            raise CpuStepUnavailableError(f"n_embd {dims['C']} is not n_head x head_size {dims['H']}x{dims['N']}")
+        entries = list(lib.global_params) + list(lib.layer_params) * dims["L"]
+        for (name, shape), tensor, (_, attr) in zip(entries, tensors, self._slots, strict=True):
+            expected = tuple(dims[s] for s in shape)
+            if tensor.device.type != "cpu" or tensor.dtype != torch.float32:
+                raise CpuStepUnavailableError(
+                    f"the model is {tensor.dtype} on {tensor.device}; the kernel runs float32 on the CPU")
+            if tuple(tensor.shape) != expected:
+                raise CpuStepUnavailableError(f"{name} has shape {tuple(tensor.shape)}, expected {expected}")
+            if not tensor.is_contiguous():
+                raise CpuStepUnavailableError(f"{name} ({attr}) is not contiguous")
+        eps = self._norm_eps(model)
+        ptrs = [t.data_ptr() for t in tensors]
+        return _Binding(
+            dims=dims,
+            dims_c=(ctypes.c_int32 * len(lib.dim_names))(*(dims[n] for n in lib.dim_names)),
+            eps_c=(ctypes.c_float * 2)(*eps),
+            ptrs=ptrs,
+            ptrs_c=(ctypes.c_void_p * len(ptrs))(*ptrs),
+        )
+
+    @staticmethod
+    def _norm_eps(model: nn.Module) -> tuple[float, float]:
+        """(LayerNorm eps, GroupNorm eps); the kernel takes one of each for the whole model."""
+        layer_norms = [model.ln_out, model.blocks[0].ln0]
+        layer_norms += [ln for block in model.blocks for ln in (block.ln1, block.ln2)]
+        group_norms = [block.att.ln_x for block in model.blocks]
+        ln_eps = {ln.eps for ln in layer_norms}
+        gn_eps = {gn.eps for gn in group_norms}
+        if len(ln_eps) != 1 or len(gn_eps) != 1:
+            raise CpuStepUnavailableError("the layer norms (or the group norms) differ in eps")
+        return ln_eps.pop(), gn_eps.pop()
+
+    def _current_binding(self) -> _Binding:
+        ptrs = [params[attr].data_ptr() for params, attr in self._slots]
+        if ptrs != self._binding.ptrs:
+            model = self._model()
+            if model is None:
+                raise CpuStepUnavailableError("the model was deleted")
+            log.debug("CPU step kernel: parameters moved, rebuilding the address table")
+            self._binding = self._bind(model)
+        return self._binding
+
+    # ---------------------------------------------------------------- the step
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """Sizes of the bound model: L, C, H, N, V, F, Dw, Da, Dv, Dg."""
+        return dict(self._binding.dims)
+
+    def step(self, idx: Tensor, state: State, threads: int | None = None) -> Tensor:
+        """One token per stream: idx LongTensor [B] -> logits [B, V] (float32, a new tensor).
+
+        `state` (shift [L, 2, B, C], wkv [L, B, H, N, N], float32, contiguous, CPU) is updated
+        in place, as `RWKV7.step` does. `threads` (the calling one included) fixes the thread
+        count; by default it is 1 or torch.get_num_threads(), whichever has been faster lately
+        (`ThreadChoice`). Raises CpuStepInputError for ids out of range or a State of the wrong
+        shape, CpuStepUnavailableError when the model stopped being float32 on the CPU.
+        """
+        binding = self._current_binding()
+        d = binding.dims
+        if idx.dim() != 1 or idx.device.type != "cpu":
+            raise CpuStepInputError("idx", f"expected a 1-D CPU tensor, got shape {tuple(idx.shape)} on {idx.device}")
+        batch = idx.shape[0]
+        if idx.dtype != torch.int64 or not idx.is_contiguous():
+            idx = idx.to(torch.int64).contiguous()
+        shift, wkv = state.shift, state.wkv
+        if shift.shape != (d["L"], 2, batch, d["C"]) or wkv.shape != (d["L"], batch, d["H"], d["N"], d["N"]):
+            raise CpuStepInputError(
+                "state", f"shapes {tuple(shift.shape)} and {tuple(wkv.shape)} do not fit {batch} streams")
+        for name, t in (("state.shift", shift), ("state.wkv", wkv)):
+            if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+                raise CpuStepInputError(name, f"must be float32, contiguous, on the CPU ({t.dtype}, {t.device})")
+        logits = torch.empty(batch, d["V"])
+        if batch == 0:
+            return logits
+        lib = self.library.cdll
+        with self._lock:
+            choice = None
+            if not self.library.threads:
+                threads = 1
+            elif threads is None:
+                most = max(1, torch.get_num_threads())
+                choice = self._thread_choice.setdefault((batch, most), ThreadChoice())
+                threads = choice.choose(most)
+            threads = max(1, threads)
+            start = time.perf_counter()
+            scratch = self._scratch.get(batch)
+            if scratch is None:
+                scratch = self._scratch[batch] = torch.empty(lib.rwkv7_scratch_floats(binding.dims_c, batch))
+            status = lib.rwkv7_step(
+                binding.dims_c, binding.eps_c, binding.ptrs_c, batch, idx.data_ptr(),
+                shift.data_ptr(), wkv.data_ptr(), logits.data_ptr(), scratch.data_ptr(), threads,
+            )
+            if choice is not None and status == 0:
+                choice.record(threads, time.perf_counter() - start)
+        if status < 0:
+            raise CpuStepUnavailableError(f"{d['L']} layers is more than the kernel schedules")
+        if status:
+            bad = int(idx[status - 1])
+            raise CpuStepInputError("idx", f"token id {bad} is out of range [0, {d['V']})")
+        return logits
+
+
+# ------------------------------------------------------------------------------- routing
+
+_kernels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_kernels_lock = threading.Lock()
+
+
+def cpu_step_kernel(model: nn.Module) -> CpuStepKernel | None:
+    """The kernel for `model`, made on first use and remembered (None is remembered too, so the
+    warning appears once per model); None whenever $RWKV_MUSIC_NO_CPU_STEP is set to 1.
+
+    The caller checks that the model is float32 on the CPU before asking (RWKV7.step does).
+    """
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return None
+    with _kernels_lock:
+        if model in _kernels:
+            return _kernels[model]
+        kernel = CpuStepKernel.for_model(model)
+        _kernels[model] = kernel
+        return kernel

@@ -1,0 +1,295 @@
+"""The fused CPU step kernel (kernels/cpu/rwkv7_step.c) against the PyTorch `RWKV7.step`.
+
+The library is really compiled (into a temporary cache folder) with the system C compiler; the
+reference is RWKV7.step with RWKV_MUSIC_NO_CPU_STEP=1, so it stays the PyTorch path even where
+RWKV7.step routes to the kernel.
+"""
+
+import copy
+import json
+import logging
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from kernels import cpu_step
+from kernels.cpu_step import CpuStepInputError, CpuStepKernel, ThreadChoice, cpu_step_kernel
+from model import RWKV7, ModelConfig
+from tests.model_factory import random_model
+
+TOLERANCE = 1e-5
+# Every test that builds the kernel needs the system C compiler (Debian: gcc provides cc).
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) on PATH")
+KERNEL_THREADS = 2  # the kernel runs with a helper thread even on a one-core machine
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Builds go to a folder of this test session, and the reference is the PyTorch step, run
+    on one thread (torch's thread pool is slow on a busy machine; the kernel's threads are not
+    the pool's)."""
+    monkeypatch.setenv(cpu_step.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "rwkv-music-cache"))
+    monkeypatch.delenv(cpu_step.COMPILER_ENV, raising=False)
+    monkeypatch.setenv(cpu_step.DISABLE_ENV, "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def kernel_for(model: RWKV7) -> CpuStepKernel:
+    kernel = CpuStepKernel.for_model(model)
+    assert kernel is not None, "the C compiler should build the kernel on this machine"
+    return kernel
+
+
+def perturbed(cfg: ModelConfig, seed: int) -> RWKV7:
+    """Like tests.model_factory.random_model, for any ModelConfig."""
+    torch.manual_seed(seed)
+    model = RWKV7(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 1.0) if name == "emb.weight" else p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def float64_twin(model: RWKV7) -> RWKV7:
+    return copy.deepcopy(model).double()
+
+
+def float64_state(model64: RWKV7, batch: int):
+    state = model64.init_state(batch)
+    state.shift, state.wkv = state.shift.double(), state.wkv.double()
+    return state
+
+
+def compare_steps(model: RWKV7, kernel: CpuStepKernel, batch: int, n_tokens: int, seed: int = 0,
+                  well_conditioned: bool = False, threads: int = KERNEL_THREADS) -> None:
+    """Feed the same tokens to both; logits and State must agree after every token.
+
+    Two float32 implementations can only agree to 1e-5 where float32 itself is that good: with
+    `well_conditioned` the PyTorch step is also run in float64 and must stay within 3e-6 of it
+    (some random models are ill-conditioned, see the float64 test below).
+    """
+    assert cpu_step_kernel(model) is None  # RWKV7.step below is the PyTorch path
+    gen = torch.Generator().manual_seed(seed)
+    ref_state, state = model.init_state(batch), model.init_state(batch)
+    model64 = float64_twin(model) if well_conditioned else None
+    state64 = float64_state(model64, batch) if well_conditioned else None
+    for t in range(n_tokens):
+        idx = torch.randint(0, model.cfg.vocab_size, (batch,), generator=gen)
+        ref_logits, _ = model.step(idx, ref_state)
+        logits = kernel.step(idx, state, threads=threads)
+        assert logits.shape == (batch, model.cfg.vocab_size)
+        if model64 is not None:
+            truth, _ = model64.step(idx, state64)
+            assert rel_err(ref_logits, truth) <= 3e-6, "premise: pick a well-conditioned seed"
+        assert rel_err(logits, ref_logits) <= TOLERANCE, f"logits at token {t}"
+        assert rel_err(state.shift, ref_state.shift) <= TOLERANCE, f"shift state at token {t}"
+        assert rel_err(state.wkv, ref_state.wkv) <= TOLERANCE, f"wkv state at token {t}"
+
+
+# Seeds of tests.model_factory.random_model whose models are well-conditioned in float32.
+WELL_CONDITIONED_SEED = {(2, 64): 0, (3, 128): 1, (2, 256): 0}
+
+
+@pytest.mark.parametrize("n_layer,n_embd", [(2, 64), (3, 128), (2, 256)])
+@pytest.mark.parametrize("batch", [1, 3])
+@needs_cc
+def test_cpu_step_matches_torch_step(n_layer, n_embd, batch):
+    model = random_model(n_layer=n_layer, n_embd=n_embd, seed=WELL_CONDITIONED_SEED[n_layer, n_embd])
+    compare_steps(model, kernel_for(model), batch, n_tokens=40, seed=batch, well_conditioned=True)
+
+
+@needs_cc
+def test_cpu_step_as_accurate_as_torch_step_where_ill_conditioned():
+    # With this seed the WKV read-out S r of a head sums to nearly zero at the first token and
+    # GroupNorm's eps makes the output follow that cancelled sum: both float32 paths end up
+    # ~1e-5 off the float64 step, and off each other by as much. The kernel must stay about as
+    # close to the float64 truth as the PyTorch float32 step is.
+    model = random_model(n_layer=2, n_embd=256, seed=3)
+    kernel = kernel_for(model)
+    model64 = float64_twin(model)
+    gen = torch.Generator().manual_seed(1)
+    state32, state, state64 = model.init_state(1), model.init_state(1), float64_state(model64, 1)
+    torch_err = kernel_err = 0.0
+    for _ in range(20):
+        idx = torch.randint(0, model.cfg.vocab_size, (1,), generator=gen)
+        truth, _ = model64.step(idx, state64)
+        torch_err = max(torch_err, rel_err(model.step(idx, state32)[0], truth),
+                        rel_err(state32.wkv, state64.wkv))
+        logits = kernel.step(idx, state, threads=KERNEL_THREADS)
+        kernel_err = max(kernel_err, rel_err(logits, truth), rel_err(state.wkv, state64.wkv))
+    assert torch_err > 3e-6  # the premise: this model is ill-conditioned in float32
+    assert kernel_err <= 4 * torch_err
+
+
+@needs_cc
+def test_cpu_step_odd_head_size_and_one_thread():
+    # head_size 12 and C = 36: every vector loop has a remainder; one head per stream.
+    model = perturbed(ModelConfig(n_layer=2, n_embd=36, head_size=12, vocab_size=50, d_gate=40), seed=3)
+    kernel = kernel_for(model)
+    compare_steps(model, kernel, batch=2, n_tokens=10, threads=1)
+    compare_steps(model, kernel, batch=2, n_tokens=10, seed=1)
+
+
+@needs_cc
+def test_cpu_step_sees_weights_copied_in_place():
+    model = random_model(n_layer=2, n_embd=64, seed=5)
+    kernel = kernel_for(model)
+    idx = torch.tensor([7, 11])
+    state0 = model.init_state(2)
+    kernel.step(idx, state0.clone())
+    new = random_model(n_layer=2, n_embd=64, seed=6)
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), new.parameters(), strict=True):
+            p.copy_(q)
+    ref_state, state = state0.clone(), state0.clone()
+    ref, _ = new.step(idx, ref_state)
+    assert rel_err(kernel.step(idx, state), ref) <= TOLERANCE
+    assert rel_err(state.wkv, ref_state.wkv) <= TOLERANCE
+
+
+@needs_cc
+def test_cpu_step_rebinds_replaced_parameter():
+    model = random_model(n_layer=2, n_embd=64, seed=7)
+    kernel = kernel_for(model)
+    idx = torch.tensor([3])
+    before = kernel.step(idx, model.init_state(1))
+    model.head.weight = nn.Parameter(torch.randn_like(model.head.weight))
+    model.blocks[1].ffn.value.weight.data = torch.randn_like(model.blocks[1].ffn.value.weight)
+    ref, _ = model.step(idx, model.init_state(1))
+    after = kernel.step(idx, model.init_state(1))
+    assert rel_err(after, ref) <= TOLERANCE
+    assert rel_err(after, before) > 0.1
+
+
+def test_cpu_step_missing_compiler_gives_none(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv(cpu_step.COMPILER_ENV, str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv(cpu_step.CACHE_ENV, str(tmp_path / "cache"))
+    model = random_model(n_layer=2, n_embd=64, seed=8)
+    with caplog.at_level(logging.WARNING, logger="kernels.cpu_step"):
+        assert CpuStepKernel.for_model(model) is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "no-such-cc" in lines[0] and "PyTorch step" in lines[0]
+    # The fallback: the routing answers None, RWKV7.step still runs (the PyTorch step).
+    monkeypatch.setenv(cpu_step.DISABLE_ENV, "0")
+    assert cpu_step_kernel(model) is None
+    logits, _ = model.step(torch.tensor([1]), model.init_state(1))
+    assert torch.isfinite(logits).all()
+
+
+def test_cpu_step_failing_compiler_gives_none(monkeypatch, tmp_path, caplog):
+    # A "compiler" that exists and runs, but fails every build.
+    monkeypatch.setenv(cpu_step.COMPILER_ENV, f"{shlex.quote(sys.executable)} -c 'raise SystemExit(1)'")
+    monkeypatch.setenv(cpu_step.CACHE_ENV, str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="kernels.cpu_step"):
+        assert CpuStepKernel.for_model(random_model(n_layer=2, n_embd=64)) is None
+    assert len(caplog.records) == 1 and "could not build" in caplog.records[0].getMessage()
+    assert not list((tmp_path / "cache" / "cpu").glob("*.so"))
+
+
+@needs_cc
+def test_cpu_step_rejects_float64_model(caplog):
+    model = random_model(n_layer=2, n_embd=64).double()
+    with caplog.at_level(logging.WARNING, logger="kernels.cpu_step"):
+        assert CpuStepKernel.for_model(model) is None
+    assert "float64" in caplog.records[-1].getMessage()
+
+
+@needs_cc
+def test_cpu_step_refuses_a_model_turned_float64_after_binding():
+    model = random_model(n_layer=2, n_embd=64)
+    kernel = kernel_for(model)
+    model.double()
+    with pytest.raises(cpu_step.CpuStepUnavailableError, match="float64"):
+        kernel.step(torch.tensor([1]), model.init_state(1))
+
+
+@needs_cc
+def test_cpu_step_bad_token_leaves_state_untouched():
+    model = random_model(n_layer=2, n_embd=64)
+    kernel = kernel_for(model)
+    state = model.init_state(2)
+    kernel.step(torch.tensor([1, 2]), state)
+    before = state.clone()
+    vocab = model.cfg.vocab_size
+    with pytest.raises(CpuStepInputError, match=f"token id {vocab} is out of range"):
+        kernel.step(torch.tensor([4, vocab]), state)
+    with pytest.raises(CpuStepInputError, match="token id -1"):
+        kernel.step(torch.tensor([-1, 4]), state)
+    assert torch.equal(state.shift, before.shift) and torch.equal(state.wkv, before.wkv)
+    with pytest.raises(CpuStepInputError, match="streams"):
+        kernel.step(torch.tensor([4, 5, 6]), state)
+
+
+@pytest.mark.parametrize("define", ["-DRWKV7_SCALAR", "-DRWKV7_NO_AVX512", "-DRWKV7_NO_THREADS"])
+@needs_cc
+def test_cpu_step_portable_builds_match(monkeypatch, define):
+    # The scalar fallback, the AVX2 code (where the CPU has AVX-512) and the build without
+    # helper threads, each compiled for real.
+    monkeypatch.setenv(cpu_step.COMPILER_ENV, f"cc {define}")
+    model = random_model(n_layer=3, n_embd=128, seed=WELL_CONDITIONED_SEED[3, 128])
+    kernel = kernel_for(model)
+    if define == "-DRWKV7_SCALAR":
+        assert kernel.library.simd == "scalar"
+    if define == "-DRWKV7_NO_AVX512":
+        assert kernel.library.simd in ("avx2", "scalar")
+    assert kernel.library.threads == (define != "-DRWKV7_NO_THREADS")
+    compare_steps(model, kernel, batch=2, n_tokens=10, well_conditioned=True)
+
+
+@needs_cc
+def test_bench_step_smoke():
+    # In a subprocess: importing the rwkv package flips global TorchScript switches.
+    result = subprocess.run(
+        [sys.executable, "-m", "tools", "bench", "step", "--json", "--configs", "L1-D64",
+         "--tokens", "3", "--rounds", "2", "--threads", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    (config,) = report["configs"]
+    assert config["config"] == "L1-D64" and config["agrees"]
+    assert set(config["ms_per_token"]) == {"kernel", "torch_step", "package"}
+    assert config["agreement"]["kernel"] <= 1e-4 and config["ratio"] > 0
+
+
+@needs_cc
+def test_cpu_step_same_bits_on_any_thread_count():
+    # Chunks are fixed by the sizes, not by the threads, so who runs them changes nothing.
+    model = random_model(n_layer=2, n_embd=128, seed=4)
+    kernel = kernel_for(model)
+    states = {n: model.init_state(3) for n in (1, 2, 3, None)}
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        idx = torch.randint(0, model.cfg.vocab_size, (3,), generator=gen)
+        logits = {n: kernel.step(idx, s, threads=n) for n, s in states.items()}
+        for n in (2, 3, None):
+            assert torch.equal(logits[n], logits[1])
+            assert torch.equal(states[n].wkv, states[1].wkv) and torch.equal(states[n].shift, states[1].shift)
+
+
+def test_thread_choice_runs_the_faster_option_and_keeps_checking_the_other():
+    choice = ThreadChoice()
+    seen = []
+    for _ in range(2 * ThreadChoice.WARMUP):  # both options are tried first
+        n = choice.choose(4)
+        seen.append(n)
+        choice.record(n, 0.002 if n == 4 else 0.005)
+    assert sorted(set(seen)) == [1, 4]
+    picks = [choice.choose(4) for _ in range(4 * ThreadChoice.EXPLORE_EVERY)]
+    assert picks.count(1) == 4 and picks.count(4) == len(picks) - 4
+    for _ in range(ThreadChoice.WINDOW):  # the machine got busy: one thread is faster now
+        choice.record(4, 0.009)
+    assert choice.choose(4) == 1
+    assert ThreadChoice().choose(1) == 1
