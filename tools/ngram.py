@@ -50,16 +50,21 @@ class NGramModel:
         view.order = order
         return view
 
-    def prob(self, history: Sequence[int], token: int) -> float:
-        """P(token | the last order-1 tokens of history)."""
-        p = float(self._unigram_p[token])
+    def _seen_contexts(self, history: Sequence[int]):
+        """(count of the context, its followers) for the contexts of `history` that were seen,
+        shortest first: the levels the interpolation climbs."""
         history = tuple(history[-(self.order - 1):]) if self.order > 1 else ()
         for k in range(1, len(history) + 1):
             h = history[-k:]
             total = self.totals[k].get(h)
             if not total:
-                break
-            following = self.counts[k][h]
+                return
+            yield total, self.counts[k][h]
+
+    def prob(self, history: Sequence[int], token: int) -> float:
+        """P(token | the last order-1 tokens of history)."""
+        p = float(self._unigram_p[token])
+        for total, following in self._seen_contexts(history):
             c = following.get(token, 0)
             p = max(c - self.discount, 0) / total + self.discount * len(following) / total * p
         return p
@@ -67,13 +72,7 @@ class NGramModel:
     def distribution(self, history: Sequence[int]) -> np.ndarray:
         """The whole next-token distribution [V] after `history` (sums to 1)."""
         p = self._unigram_p.copy()
-        history = tuple(history[-(self.order - 1):]) if self.order > 1 else ()
-        for k in range(1, len(history) + 1):
-            h = history[-k:]
-            total = self.totals[k].get(h)
-            if not total:
-                break
-            following = self.counts[k][h]
+        for total, following in self._seen_contexts(history):
             counts = np.zeros(self.vocab_size)
             counts[list(following)] = list(following.values())
             p = np.maximum(counts - self.discount, 0) / total + self.discount * len(following) / total * p
