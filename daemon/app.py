@@ -1,7 +1,9 @@
 """The daemon: MIDI in -> encoder -> engine -> mode decisions -> scheduler -> MIDI out.
 
-One asyncio event loop owns the state; the model runs in ONE worker thread (a single-thread
-executor), the output scheduler in another, the MIDI reader in a third. How the parts connect
+One asyncio event loop owns the state; the model runs in a process of its own
+(`daemon.engine_process`, so its work never holds this process's interpreter lock), driven from
+ONE worker thread (a single-thread executor) that waits on it; the output scheduler has a thread
+of its own, the MIDI reader a third. How the parts connect
 (docs/daemon.md has the long version):
 
 - Input: each MIDI event from the player is stamped at arrival and converted to beats by the
@@ -44,7 +46,7 @@ from daemon import midi_events
 from daemon.clock import Clock, ClockEvent, LinkClock, TempoChanged, TransportChanged, make_clock
 from daemon.config import DaemonSettings
 from daemon.controls import Command, Controls, Panic, Reload, Reset, SetParam, Status, Trigger
-from daemon.engine import Engine
+from daemon.engine_process import EngineProcess
 from daemon.errors import ClockError, DaemonError, MidiError, SchedulerStoppedError
 from daemon.midi_ports import MidiPorts
 from daemon.modes import Answer, AnswerAt, Decision, ModeMachine, TakeOver
@@ -60,7 +62,6 @@ from daemon.reload import (
 )
 from daemon.scheduler import OutputScheduler, short_switch_interval
 from model.checkpoint import CheckpointMeta
-from model.checkpoint import load as load_checkpoint
 from model.remi_grammar import DecodedNote, DecodedPedal
 from model.sampling import SamplingSettings
 
@@ -119,6 +120,7 @@ class AnswerRecord:
     ready_before_bar_ms: float | None  # bar line minus the time its first note was scheduled
     generation_ms: float
     scheduled: tuple[tuple[float, midi_events.MidiBytes], ...] = ()  # (perf_counter due time, message)
+    start_time: float = 0.0  # perf_counter time of its first bar line, as the clock said when decided
 
 
 RECENT_ANSWERS = 256
@@ -174,7 +176,7 @@ class Daemon:
         self._last_log: dict[str, float] = {}
         self._closing = False  # shutting down: nothing new goes to the engine thread
         self._tasks: list[asyncio.Task[Any]] = []
-        self.engine: Engine | None = None
+        self.engine: EngineProcess | None = None
         # The model the event loop knows is playing: the engine thread swaps its own reference
         # first, and status must not show the new id before the swap is complete.
         self.playing_meta: CheckpointMeta | None = None
@@ -220,9 +222,11 @@ class Daemon:
         self._executor = executor
         stack.callback(executor.shutdown, wait=True, cancel_futures=True)
         signature = FileSignature.of(self.checkpoint_path)
-        self.engine = await self._in_engine(
-            self._build_engine, self.checkpoint_path, device, cfg.history_tokens, cfg.threads
-        )
+        self.engine = await self._in_engine(functools.partial(
+            EngineProcess, self.checkpoint_path, device=device, history_tokens=cfg.history_tokens,
+            threads=cfg.threads, niceness=cfg.engine_niceness,
+        ))
+        stack.callback(self._close_engine)
         self.playing_meta = self.engine.meta
 
         clock = make_clock(self.settings.clock)
@@ -274,16 +278,11 @@ class Daemon:
             self.settings.osc.prefix, self.settings.clock.source, clock.tempo, meter, self.controls.mode,
         )
 
-    @staticmethod
-    def _build_engine(path: Path, device: str, history_tokens: int, threads: int) -> Engine:
-        """In the engine thread: load the checkpoint and build the engine."""
-        import torch
-
-        if threads:
-            # Set here too: the thread count of a thread's parallel regions is its own setting.
-            torch.set_num_threads(threads)
-        model, meta = load_checkpoint(path, device=device)
-        return Engine(model, meta, history_limit=history_tokens)
+    def _close_engine(self) -> None:
+        """After the last engine call has finished: stop the engine process."""
+        assert self._executor is not None and self.engine is not None
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.engine.close()
 
     async def _cancel_tasks(self) -> None:
         for task in self._tasks:
@@ -438,8 +437,8 @@ class Daemon:
                     load_compatible,
                     path,
                     vocab_hash=engine.meta.vocab_hash,
-                    vocab_size=engine.model.cfg.vocab_size,
-                    device=engine.device,
+                    vocab_size=engine.vocab_size,
+                    device="cpu",  # only checked here; the engine process loads it again to play
                 )
             except ReloadError as err:
                 self._refused(err, origin)
@@ -472,7 +471,7 @@ class Daemon:
         if self.clock.bar_index(beat) <= bar:
             return
         self._pending_swap = None
-        future = self._submit(self.engine.swap_model, "swap", loaded.model, loaded.meta)
+        future = self._submit(self.engine.swap_checkpoint, "swap", loaded.path, loaded.meta.model_id)
         future.add_done_callback(self._from_engine(functools.partial(self._swapped, loaded, beat)))
 
     def _swapped(self, loaded: LoadedModel, beat: float, future: Future) -> None:
@@ -736,7 +735,7 @@ class Daemon:
         ready = None if live.first_note_at is None else round((live.start_time - live.first_note_at) * 1000.0, 3)
         self.recent_answers.append(AnswerRecord(
             live.answer.id, live.answer.bar, live.answer.bars, live.notes, live.dropped, completion.stopped,
-            ready, self.stats.generation_ms, tuple(live.scheduled),
+            ready, self.stats.generation_ms, tuple(live.scheduled), live.start_time,
         ))
         if live.pedal_down and not live.stop.is_set() and self.scheduler is not None:
             pedal_up = midi_events.control_change(self._channel, midi_events.SUSTAIN_PEDAL, 0)
@@ -816,9 +815,13 @@ class Daemon:
 
     def _on_played(self, message: midi_events.MidiBytes, sent: float) -> None:
         clock = self.clock
-        if clock is None or not clock.running or len(message) < 3:
+        if clock is None or not clock.running or len(message) < 3 or self._closing:
             return
-        kind, beat = message[0] & 0xF0, clock.beat_at(sent)
+        try:
+            beat = clock.beat_at(sent)
+        except ClockError:  # e.g. the Link session already left during shutdown
+            return
+        kind = message[0] & 0xF0
         if kind == midi_events.NOTE_ON and message[2] > 0:
             self.stats.notes_played += 1
             self._encode(enc.NoteOn, beat, pitch=message[1], velocity=message[2])
