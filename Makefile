@@ -31,8 +31,12 @@ system-packages:
 test: $(STAMP) system-packages
 	$(PY) -m pytest
 
+# Extra daemon arguments, e.g. make run ARGS="--set clock.tempo=96"
+ARGS ?=
+# With no MIDI backend (no ALSA sequencer, no JACK server) the daemon starts a private JACK
+# server and prints how to connect to it.
 run: $(STAMP) system-packages
-	$(VENV)/bin/rwkv-music daemon
+	$(VENV)/bin/rwkv-music daemon --private-jack auto $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

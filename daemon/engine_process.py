@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -329,6 +330,9 @@ class EngineProcess:
 
 def main(argv: list[str]) -> None:
     """`python -m daemon.engine_process REQUEST_FD STOP_FD SETTINGS_JSON` (started by EngineProcess)."""
+    # Ctrl-C in a terminal reaches the whole process group; the daemon stops this process over
+    # the pipe when it is done with it (a KeyboardInterrupt here would only print a traceback).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     settings = json.loads(argv[2])
     logging.basicConfig(level=settings.pop("log_level"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _serve(Connection(int(argv[0])), Connection(int(argv[1])), **settings)

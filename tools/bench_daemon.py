@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -77,13 +76,14 @@ class DaemonBenchResult:
 
 
 def run(args: argparse.Namespace) -> int:
+    from daemon.jack_server import ensure_jack_server
     from tools.cli import UserError
 
     if args.bars < 2 or not 20.0 <= args.tempo <= 300.0 or not 1 <= args.length <= 16:
         raise UserError("--bars must be >= 2, --tempo 20..300, --length 1..16")
     with tempfile.TemporaryDirectory(prefix="rwkv-bench-daemon-") as tmp:
         checkpoint = _checkpoint(args, Path(tmp))
-        with _jack_server(Path(tmp)):
+        with ensure_jack_server(log_path=Path(tmp) / "jackd.log"):
             result = measure(checkpoint, bars=args.bars, tempo=args.tempo, length=args.length)
     if args.json:
         print(json.dumps(asdict(result), indent=2))
@@ -124,51 +124,6 @@ def random_checkpoint(size: str, path: Path) -> Path:
             p.add_(torch.randn_like(p) * 0.1)
     save(model, path, CheckpointMeta(model.cfg, DEFAULT_TOKENIZER_PARAMS, vocab_hash(tokenizer)))
     return path
-
-
-class _jack_server:
-    """Use the running JACK server, or start a private dummy one for the benchmark."""
-
-    def __init__(self, tmp: Path):
-        self.tmp = tmp
-        self.process: subprocess.Popen | None = None
-        self.previous = os.environ.get("JACK_DEFAULT_SERVER")
-
-    def __enter__(self) -> None:
-        from daemon.midi_ports import jack_server_running
-        from tools.cli import UserError
-
-        if jack_server_running():
-            return
-        jackd = shutil.which("jackd")
-        if jackd is None:
-            raise UserError("no JACK server runs and jackd is not installed (Debian: jackd2)")
-        name = f"rwkv-bench-{os.getpid()}"
-        with open(self.tmp / "jackd.log", "wb") as out:
-            self.process = subprocess.Popen(
-                [jackd, "--no-realtime", "-S", "-n", name, "-d", "dummy", "-r", "48000", "-p", "32"],
-                stdout=out, stderr=subprocess.STDOUT,
-                env={**os.environ, "JACK_NO_AUDIO_RESERVATION": "1"},
-            )
-        os.environ["JACK_DEFAULT_SERVER"] = name
-        deadline = time.monotonic() + 20
-        while not jack_server_running():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise UserError(f"jackd did not start: {(self.tmp / 'jackd.log').read_text()[-500:]}")
-            time.sleep(0.1)
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.previous is None:
-            os.environ.pop("JACK_DEFAULT_SERVER", None)
-        else:
-            os.environ["JACK_DEFAULT_SERVER"] = self.previous
 
 
 def measure(checkpoint: Path, *, bars: int, tempo: float, length: int) -> DaemonBenchResult:

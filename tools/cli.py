@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "tools.osc_cli",
     "tools.ports_cli",
     "tools.evaluate",
+    "tools.demo",
     "tools.bench",
     "tools.interop",
 ]
