@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "daemon.cli",
     "tools.osc_cli",
     "tools.ports_cli",
+    "tools.complete",
     "tools.evaluate",
     "tools.demo",
     "tools.bench",
@@ -31,6 +32,8 @@ EPILOG = """examples:
   rwkv-music corpus data/midi                   # real music from music21's corpus as MIDI
   rwkv-music prepare data/midi data/prepared    # MIDI -> REMI token shards
   rwkv-music train --data data/prepared --out runs/mine
+  rwkv-music complete song.mid out.mid --bars 4 --variations 4 --png out.png
+  rwkv-music demo                               # the daemon answering a Bach phrase, end to end
   rwkv-music bench step                         # our RWKV7.step against the rwkv package
   rwkv-music export checkpoints/default.safetensors out.pth
 """
