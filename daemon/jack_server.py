@@ -118,13 +118,57 @@ def _default_name() -> str:
     return f"rwkv-music-{os.getpid()}" + (f"-{n}" if n else "")
 
 
+# jackd's start-up banner, which follows the line that says what went wrong.
+_BANNER = ("jackdmp ", "Copyright ", "jackdmp comes with", "This is free software", "under certain conditions")
+# JACK keeps a registry of 8 servers in shared memory. A server that is killed (not stopped)
+# keeps its entry, and entries are only reclaimed by a new server of the same name, so killed
+# servers with unique names fill it until no server can start.
+_SHM_DIR = Path("/dev/shm")
+_REGISTRY_FULL = "Too many servers already active"
+
+
 def _log_tail(path: Path, lines: int = 3) -> str:
     try:
         text = path.read_text(errors="replace")
     except OSError:
         return "no output"
-    tail = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
-    return " | ".join(tail) or "no output"
+    if _REGISTRY_FULL in text:
+        return (f"{_REGISTRY_FULL}: JACK's registry of 8 servers is full, probably of servers that were "
+                f"killed; stop every JACK server, then remove {_SHM_DIR / 'jack-shm-registry'}")
+    meaningful = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(_BANNER)]
+    return " | ".join(meaningful[-lines:]) or "no output"
+
+
+def jackd_running() -> bool:
+    """Whether any JACK server process (jackd, jackdbus) runs on this machine (Linux: /proc)."""
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() in ("jackd", "jackdbus"):
+                return True
+        except OSError:  # the process ended while we looked
+            continue
+    return False
+
+
+def reclaim_stale_jack_registry() -> int:
+    """Remove JACK's shared-memory registry and segments when no JACK server runs (Linux).
+
+    They are left behind by servers that were killed, and a full registry stops every new
+    server from starting. With no server running nothing can be using them. Only files this
+    user owns are removed. Returns how many were removed."""
+    if not sys.platform.startswith("linux") or not _SHM_DIR.is_dir() or jackd_running():
+        return 0
+    removed = 0
+    for path in _SHM_DIR.glob("jack*"):
+        try:
+            if path.is_file() and path.stat().st_uid == os.getuid():
+                path.unlink()
+                removed += 1
+        except OSError:
+            continue
+    if removed:
+        log.info("removed %d stale JACK shared-memory files (no JACK server was running)", removed)
+    return removed
 
 
 def _child_setup() -> None:
@@ -195,6 +239,7 @@ class PrivateJackServer:
             if jack_server_running():
                 # Waiting for it would find the other server ready, and this jackd would fail.
                 raise JackServerError(self.name, "a JACK server of this name runs already")
+            reclaim_stale_jack_registry()
             self._launch(jackd)
             self._wait_until_ready()
             self._ready = True

@@ -23,6 +23,7 @@ refuses new messages, ends the thread and then calls it, so the output is silent
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import heapq
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 # Interpreter switch interval that keeps a sending thread within ~0.5 ms of its schedule while
 # another thread of the process runs the model (measured, see docs/timing.md).
 SWITCH_INTERVAL_S = 0.0005
+RECENT_LATENESS = 4096
 # Messages sent later than this after their time are counted as late in the stats.
 LATE_THRESHOLD_S = 0.005
 
@@ -138,6 +140,8 @@ class OutputScheduler:
         self._pedal_down: set[int] = set()
         self._channels_used: set[int] = set()
         self._stats = SchedulerStats()
+        # Lateness (seconds) of the last messages sent at a due time, for benchmarks.
+        self._recent_lateness: collections.deque[float] = collections.deque(maxlen=RECENT_LATENESS)
         self._thread: threading.Thread | None = None
         self._running = False
 
@@ -263,6 +267,12 @@ class OutputScheduler:
         with self._cond:
             return dataclasses.replace(self._stats)
 
+    def recent_lateness(self) -> list[float]:
+        """Send time minus due time (seconds) of the last RECENT_LATENESS timed messages: what
+        the scheduler controls, before the MIDI driver delivers them."""
+        with self._cond:
+            return list(self._recent_lateness)
+
     # -- the thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -289,17 +299,20 @@ class OutputScheduler:
 
     def _send_now(self, msg: MidiBytes, due: float | None = None) -> None:
         """Send and track note state; caller holds the lock. A failed send is logged and counted."""
+        # The time the send starts: what the scheduler controls (the sender may then wait for the
+        # interpreter lock on its way out of the driver call, after the message has left).
+        sent_at = self._clock()
         try:
             self._send(msg)
         except Exception:
             self._stats.send_errors += 1
             log.exception("MIDI send failed for %s", msg)
             return
-        sent_at = self._clock()
         stats = self._stats
         stats.sent += 1
         if due is not None:
             lateness = sent_at - due
+            self._recent_lateness.append(lateness)
             stats.max_lateness_s = max(stats.max_lateness_s, lateness)
             if lateness > LATE_THRESHOLD_S:
                 stats.late += 1

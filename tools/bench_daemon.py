@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+FIRST_NOTE_LATE_MS = 5.0
+
+
 @dataclass
 class DaemonBenchResult:
     machine: str
@@ -65,7 +68,11 @@ class DaemonBenchResult:
     error_p50_ms: float
     error_p99_ms: float
     error_max_ms: float
+    handover_p50_ms: float  # due time to rtmidi having the message: what the scheduler controls
+    handover_p99_ms: float
+    handover_max_ms: float
     answers: int
+    first_notes_late: int  # answers whose first note arrived more than FIRST_NOTE_LATE_MS late
     ready_before_bar_min_ms: float | None  # the tightest answer: bar line minus first note ready
     ready_before_bar_p50_ms: float | None
     generation_p50_ms: float | None  # one whole answer
@@ -166,6 +173,7 @@ def measure(checkpoint: Path, *, bars: int, tempo: float, length: int) -> Daemon
                 receiver.kill()
         records = background.call(lambda: list(daemon.recent_answers))
         stats = background.call(lambda: daemon.stats)
+        handover = sorted(abs(x) * 1000.0 for x in daemon.scheduler.recent_lateness())
         errors = match_errors(arrivals, [item for r in records for item in r.scheduled])
         model_id = daemon.model_id
         engine_meta = daemon.engine.meta if daemon.engine is not None else None
@@ -184,7 +192,11 @@ def measure(checkpoint: Path, *, bars: int, tempo: float, length: int) -> Daemon
         error_p50_ms=_percentile(errors, 0.5),
         error_p99_ms=_percentile(errors, 0.99),
         error_max_ms=errors[-1] if errors else float("nan"),
+        handover_p50_ms=_percentile(handover, 0.5),
+        handover_p99_ms=_percentile(handover, 0.99),
+        handover_max_ms=handover[-1] if handover else float("nan"),
         answers=len(records),
+        first_notes_late=sum(late > FIRST_NOTE_LATE_MS for late in first_note_lateness(arrivals, records)),
         ready_before_bar_min_ms=ready[0] if ready else None,
         ready_before_bar_p50_ms=statistics.median(ready) if ready else None,
         generation_p50_ms=statistics.median(generation) if generation else None,
@@ -193,6 +205,20 @@ def measure(checkpoint: Path, *, bars: int, tempo: float, length: int) -> Daemon
         feed_bar_max_ms=max(feed_ms),
         tokens_per_bar=tokens_per_bar,
     )
+
+
+def first_note_lateness(arrivals: list[list], records) -> list[float]:
+    """Per answer with notes: arrival minus due time (ms, signed) of its first note-on."""
+    lateness = []
+    for record in records:
+        ons = [(due, tuple(msg)) for due, msg in record.scheduled if msg[0] & 0xF0 == 0x90 and msg[2] > 0]
+        if not ons:
+            continue
+        due, message = min(ons)
+        times = [t for t, m in arrivals if tuple(m) == message and abs(t - due) < 0.5]
+        if times:
+            lateness.append((min(times, key=lambda t: abs(t - due)) - due) * 1000.0)
+    return lateness
 
 
 def match_errors(arrivals: list[list], scheduled: list[tuple[float, tuple[int, ...]]]) -> list[float]:
@@ -254,8 +280,11 @@ def _print(r: DaemonBenchResult) -> None:
     print(f"model:   {r.model}, {r.tempo:g} BPM, {r.bars} bars of autopilot")
     print(f"output timing ({r.messages} messages vs their grid times, through JACK): "
           f"p50 {r.error_p50_ms:.2f} ms, p99 {r.error_p99_ms:.2f} ms, max {r.error_max_ms:.2f} ms")
+    print(f"  of which the scheduler (due time -> handed to rtmidi): p50 {r.handover_p50_ms:.2f} ms, "
+          f"p99 {r.handover_p99_ms:.2f} ms, max {r.handover_max_ms:.2f} ms")
     print(f"answers: {r.answers}; first note ready before the bar line: min {ms(r.ready_before_bar_min_ms)}, "
           f"median {ms(r.ready_before_bar_p50_ms)}; generation median {ms(r.generation_p50_ms)}; "
-          f"notes dropped as late: {r.late_dropped}")
+          f"notes dropped as late: {r.late_dropped}; first notes more than {FIRST_NOTE_LATE_MS:g} ms late: "
+          f"{r.first_notes_late} of {r.answers}")
     print(f"feed one bar ({r.tokens_per_bar:.0f} tokens): median {r.feed_bar_p50_ms:.1f} ms, "
           f"max {r.feed_bar_max_ms:.1f} ms")
