@@ -245,7 +245,9 @@ class Daemon:
 
         self.ports = await stack.enter_async_context(MidiPorts(self.settings.midi))
         stack.enter_context(short_switch_interval())
-        self.scheduler = stack.enter_context(OutputScheduler(self._send_output))
+        self.scheduler = stack.enter_context(
+            OutputScheduler(self._send_output, realtime_priority=cfg.output_priority)
+        )
         stack.callback(self._final_silence)
 
         self.osc = await stack.enter_async_context(OscServer.from_config(self.settings.osc, self.execute))
@@ -357,7 +359,13 @@ class Daemon:
             values["midi_api"] = ports.api_name
             values["in_port"] = ports.input_description
             values["out_port"] = ports.output_description
-            values["input_overflowed"] = ports.stats.overflowed
+            midi = ports.stats
+            values["input_overflowed"] = midi.overflowed
+            values["midi_connected"] = ports.connected
+            values["midi_server_lost"] = midi.server_lost
+            values["midi_reconnected"] = midi.reconnected
+            values["midi_invalid"] = midi.invalid
+            values["midi_lost_output"] = midi.lost_output
         if self.osc is not None:
             values["osc"] = "{}:{}".format(*self.osc.address)
         values["mqtt_connected"] = self.mqtt.connected if self.mqtt is not None else False

@@ -31,6 +31,7 @@ class DaemonConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
     threads: int = 1  # torch CPU threads, 0..64 (0 = torch's default); 1 keeps the model off the scheduler's core
     engine_niceness: int = 5  # the engine process's nice increment, 0..19: the OS runs the output first
+    output_priority: int = 60  # SCHED_FIFO priority of the output thread where allowed, 0..99 (0 = normal)
     mode: Literal["call_response", "autopilot", "manual", "off"] = "call_response"
     length_bars: int = 2  # bars per answer, 1..64
     silence_beats: float = 2.0  # beats of player silence before call_response answers, 0.5..64
@@ -52,6 +53,7 @@ class DaemonConfig:
             raise ConfigError("daemon.checkpoint must not be empty")
         check_range("daemon.threads", self.threads, 0, 64)
         check_range("daemon.engine_niceness", self.engine_niceness, 0, 19)
+        check_range("daemon.output_priority", self.output_priority, 0, 99)
         check_range("daemon.output_channel", self.output_channel, 1, 16)
         check_range("daemon.lead_ms", self.lead_ms, 20.0, 5000.0)
         check_range("daemon.min_lead_ms", self.min_lead_ms, 0.0, self.lead_ms)

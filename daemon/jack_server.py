@@ -3,12 +3,14 @@
 A machine without ALSA's sequencer (/dev/snd/seq: containers, CI runners, servers) and without a
 running JACK server has nowhere to open virtual MIDI ports. `PrivateJackServer` starts
 
-    jackd --no-realtime -S -n NAME -d dummy -r 48000 -p 32
+    jackd -R -P 70 -S -n NAME -d dummy -r 48000 -p 32      (--no-realtime where not allowed)
 
 (the dummy driver needs no sound hardware; a 32-frame period at 48 kHz delivers MIDI within
-0.67 ms), waits until it accepts clients, and points JACK_DEFAULT_SERVER at it for this process
-while it runs, so python-rtmidi's JACK API, the jack_* tools started from here and the daemon's
-ports all use it. Leaving the block stops the server and restores JACK_DEFAULT_SERVER.
+0.67 ms; real-time threads as a desktop JACK has them, when this process may use SCHED_FIFO:
+without them the delivery tail grows on a busy machine, docs/timing.md), waits until it
+accepts clients, and points JACK_DEFAULT_SERVER at it for this process while it runs, so
+python-rtmidi's JACK API, the jack_* tools started from here and the daemon's ports all use it.
+Leaving the block stops the server and restores JACK_DEFAULT_SERVER.
 
 `-S` (synchronous mode): the server waits for every client to finish its cycle. Asynchronous
 mode drops a client's MIDI events for a cycle it finishes late, which happens on a loaded
@@ -42,6 +44,7 @@ from pathlib import Path
 
 from daemon.errors import DaemonError, MidiApiError
 from daemon.midi_ports import NAME_BY_API, jack_server_running, resolve_api
+from daemon.realtime import realtime_allowed
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ PRIVATE_JACK_CHOICES: tuple[str, ...] = ("auto", "always", "never")
 SAMPLE_RATE = 48000
 PERIOD_FRAMES = 32
 START_TIMEOUT_S = 20.0
+JACK_PRIORITY = 70  # jackd -P: above the daemon's output thread (daemon.realtime.DEFAULT_PRIORITY)
 STOP_TIMEOUT_S = 10.0
 _ENV_SERVER = "JACK_DEFAULT_SERVER"
 # The same device daemon.midi_ports checks: ALSA's sequencer, present when snd-seq is loaded.
@@ -201,8 +205,11 @@ class PrivateJackServer:
         sample_rate: int = SAMPLE_RATE,
         period_frames: int = PERIOD_FRAMES,
         start_timeout_s: float = START_TIMEOUT_S,
+        realtime: bool | None = None,
     ):
         self.name = name or _default_name()
+        # Real-time threads, as a desktop JACK runs, where the system allows them (None: probe).
+        self.realtime = realtime_allowed() if realtime is None else realtime
         self._own_log = log_path is None
         self.log_path = log_path or Path(tempfile.gettempdir()) / f"{self.name}.jackd.log"
         self.sample_rate = sample_rate
@@ -216,8 +223,9 @@ class PrivateJackServer:
     @property
     def command(self) -> list[str]:
         """The jackd command line (jackd is looked up on PATH when started)."""
+        scheduling = ["-R", "-P", str(JACK_PRIORITY)] if self.realtime else ["--no-realtime"]
         return [
-            "jackd", "--no-realtime", "-S", "-n", self.name,
+            "jackd", *scheduling, "-S", "-n", self.name,
             "-d", "dummy", "-r", str(self.sample_rate), "-p", str(self.period_frames),
         ]  # fmt: skip
 

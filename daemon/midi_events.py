@@ -36,6 +36,7 @@ TIMING_CLOCK = 0xF8
 START = 0xFA
 CONTINUE = 0xFB
 STOP = 0xFC
+SYSTEM_RESET = 0xFF
 
 SUSTAIN_PEDAL = 64  # CC 64, damper pedal: value >= 64 is down
 ALL_SOUND_OFF = 120

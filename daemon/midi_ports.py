@@ -16,10 +16,38 @@ cancelling the callback first frees the callback's data while a call may still b
 call into Python. The stamps do not suffer from the polling: they come from rtmidi's delta
 times, measured on its own thread at arrival (see daemon.midi_events.ArrivalStamper).
 
-Overflow policy of the incoming queue (bounded, `queue_size`): when it is full the OLDEST
+Overflow policy of the incoming buffer (bounded, `queue_size`): when it is full the OLDEST
 event is dropped, counted in `stats.overflowed`, and a warning is logged (at most once a
 second). A consumer that fell that far behind is late anyway; keeping the newest events keeps
-the clock and the current bar right.
+the clock and the current bar right. The reader thread fills that buffer itself and wakes the
+event loop once per batch, not once per message: under a flood (20,000 messages a second
+measured) a wake-up per message queued callbacks on the loop faster than it ran them, without
+bound, and an OSC request waited behind them for most of a second. The consumer also yields
+to the loop every `_YIELD_EVERY` events it takes from a full buffer, so a backlog never keeps
+the other tasks (OSC, the ticker) waiting for longer than that many events take.
+
+A release is never lost to an overflow: a dropped Note Off or sustain-pedal-up is kept aside
+(one per key and channel, so at most 16 x 129) and delivered before the next Note On of its key,
+or once the buffer has drained, so a flood cannot leave a key held down in the daemon's view (it
+would wait for ever for the player to stop). All Notes Off and All Sound Off (CC 123, CC 120)
+from the player release the keys it holds on that channel, and System Reset (FF) on every
+channel: the port delivers a Note Off for each before the controller itself, as a DAW's stop
+button means.
+
+The JACK server going away (stopped, crashed, or dropping our clients) is noticed through
+libjack's shutdown callback on a small watch client of our own (loaded with ctypes; JACK only).
+The reader thread then logs it, releases the keys the player held, closes the dead clients,
+asks every `_RECONNECT_INTERVAL_S` whether a server runs again, and reopens the same ports
+(and connections) when one does; the event stream goes on meanwhile, `send` drops and counts
+(`stats.lost_output`), and `connected` / `stats.server_lost` / `stats.reconnected` tell it. The
+order matters: opening a client while dead clients of this process are still allocated made
+libjack free their memory, and deleting them afterwards crashed the process.
+
+A System Exclusive cut short (F0 without its F7: a device unplugged mid-message) makes
+rtmidi's JACK input take every later event for part of it until some event ends with F7: the
+input would be deaf. So on JACK a small client of ours is wired to our own input and sends a lone
+F7 after each second without input; a lone F7 ends such a run (rtmidi then hands over the
+swallowed run, which is counted invalid) and is otherwise ignored. Deafness lasts a second.
 
 Invalid bytes (truncated, stray data bytes, undefined status) are counted in `stats.invalid`
 and dropped; nothing raised while handling a message escapes the reader thread.
@@ -33,7 +61,10 @@ is never echoed back to its source).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import logging
 import os
@@ -54,7 +85,18 @@ from daemon.errors import (
     MidiPortError,
     PortNotFoundError,
 )
-from daemon.midi_events import ArrivalStamper, MidiEvent, channel_of, decode
+from daemon.midi_events import (
+    ALL_NOTES_OFF,
+    ALL_SOUND_OFF,
+    SYSTEM_RESET,
+    ArrivalStamper,
+    ControlChange,
+    MidiEvent,
+    NoteOff,
+    NoteOn,
+    channel_of,
+    decode,
+)
 from model.settings import ConfigError
 
 log = logging.getLogger(__name__)
@@ -80,6 +122,13 @@ _BUSY_AFTER_MESSAGE_S = 1.0
 # rtmidi's own queue between its driver thread and our reader thread.
 _RTMIDI_QUEUE_SIZE = 4096
 _WARN_INTERVAL_S = 1.0
+# The consumer lets other tasks run after this many events taken without waiting.
+_YIELD_EVERY = 8
+# After the JACK server went away: how often to look for it again.
+_RECONNECT_INTERVAL_S = 0.5
+# A lone SysEx end byte goes to our own input after this long without input (see above).
+_SYSEX_END_AFTER_S = 1.0
+_SYSEX_END = [0xF7]
 
 
 @dataclass
@@ -133,6 +182,9 @@ class MidiInputStats:
     overflowed: int = 0  # oldest events dropped because the queue was full
     thru: int = 0  # messages copied to the output
     errors: int = 0  # unexpected failures while handling a message (logged)
+    server_lost: int = 0  # times the MIDI server (JACK) went away under the open ports
+    reconnected: int = 0  # times the ports were reopened after that
+    lost_output: int = 0  # messages sent while the server was away, dropped
 
 
 @dataclass(frozen=True)
@@ -282,7 +334,19 @@ class MidiPorts:
         self._midi_in: Any = None
         self._midi_out: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: asyncio.Queue[Any] | None = None
+        # Reader thread -> event loop: a bounded buffer under a lock, and one wake-up per batch.
+        self._buffer: collections.deque[MidiEvent] = collections.deque()
+        self._buffer_lock = threading.Lock()
+        self._wake_pending = False
+        self._available: asyncio.Event | None = None
+        self._failure: MidiError | None = None  # a driver error: ends the stream after the buffer
+        # Releases dropped by an overflow, owed to the consumer: (channel, note or -1 for the pedal).
+        self._owed: dict[tuple[int, int], MidiEvent] = {}
+        self._held: dict[int, set[int]] = {}  # reader thread: channel -> keys down as sent to us
+        self._watch: _JackWatch | None = None
+        self._connected = False
+        self._sysex_end: Any = None  # our client that ends a cut-short SysEx on our input
+        self._burst = 0  # events taken since the consumer last waited or yielded
         self._open = False
         self._closed = False
         self._api: int | None = None
@@ -297,7 +361,7 @@ class MidiPorts:
         if self._open or self._closed:
             raise MidiPortClosedError("MidiPorts can be opened once")
         self._loop = asyncio.get_running_loop()
-        self._queue = asyncio.Queue(maxsize=self.config.queue_size)
+        self._available = asyncio.Event()
         self._api = resolve_api(self.config.api)
         try:
             self._open_input()
@@ -306,7 +370,10 @@ class MidiPorts:
             self._release()
             raise
         self._open = True
-        if self._midi_in is not None:
+        self._connected = True
+        if self._api == rtmidi.API_UNIX_JACK:
+            self._watch = _JackWatch.start(f"{self.config.in_port or self.config.out_port or 'RWKV-Music'} watch")
+        if self._midi_in is not None or self._watch is not None:
             self._reader = threading.Thread(target=self._read_input, name="midi-input", daemon=True)
             self._reader.start()
         log.info(
@@ -332,10 +399,17 @@ class MidiPorts:
         if self._reader is not None:
             self._reader.join()
         self._release()
-        if self._queue is not None:
-            self._put_dropping_oldest(_END_OF_STREAM)
+        if self._watch is not None:
+            self._watch.close()
+        if self._available is not None:
+            self._available.set()  # a waiting consumer sees the end
 
     def _release(self) -> None:
+        sysex_end, self._sysex_end = self._sysex_end, None
+        if sysex_end is not None:
+            with contextlib.suppress(rtmidi.RtMidiError):
+                sysex_end.close_port()
+            sysex_end.delete()
         midi_in, self._midi_in = self._midi_in, None
         if midi_in is not None:
             with contextlib.suppress(rtmidi.RtMidiError):
@@ -373,6 +447,21 @@ class MidiPorts:
             raise MidiPortError(label, str(err)) from err
         # From here on, driver errors go into the event stream instead of being raised here.
         midi_in.set_error_callback(self._on_error)
+        if self._api == rtmidi.API_UNIX_JACK and not cfg.connect_in:
+            self._sysex_end = self._open_sysex_end(cfg.in_port)
+
+    def _open_sysex_end(self, port: str) -> Any:
+        """A client of ours with an output wired to our own input port "<port>:<port>"."""
+        sender = None
+        try:
+            sender = rtmidi.MidiOut(self._api, name=f"{port} sysex-end")
+            sender.open_port(find_port(sender.get_ports(), f"{port}:{port}", "output"), "out")
+        except (rtmidi.RtMidiError, PortNotFoundError) as err:
+            log.warning("MIDI: no SysEx guard on %s (%s): a SysEx cut short would deafen the input", port, err)
+            if sender is not None:
+                sender.delete()
+            return None
+        return sender
 
     def _open_output(self) -> None:
         cfg = self.config
@@ -425,7 +514,14 @@ class MidiPorts:
 
     @property
     def has_output(self) -> bool:
-        return self._midi_out is not None
+        """An output port is configured (it may be reopening after a JACK server restart)."""
+        configured = bool(self.config.connect_out or self.config.out_port)
+        return self._midi_out is not None or (configured and not self._connected)
+
+    @property
+    def connected(self) -> bool:
+        """False while the MIDI server is away (JACK stopped) and the ports wait to reopen."""
+        return self._connected
 
     @property
     def stats(self) -> MidiInputStats:
@@ -435,8 +531,14 @@ class MidiPorts:
     # -- output ------------------------------------------------------------------------------
 
     def send(self, message: Sequence[int]) -> None:
-        """Send one MIDI message now; thread-safe. Raises MidiPortError (closed port, driver error)."""
+        """Send one MIDI message now; thread-safe. Raises MidiPortError (closed port, driver error).
+
+        While the JACK server is away the message is dropped and counted (`stats.lost_output`):
+        there is no port to send to, and the outage was reported once already."""
         with self._send_lock:
+            if not self._connected and self._open and not self._closed:
+                self._stats.lost_output += 1
+                return
             if self._midi_out is None:
                 raise MidiPortError(self.config.connect_out or self.config.out_port, "output is not open")
             try:
@@ -449,21 +551,31 @@ class MidiPorts:
     async def receive(self) -> MidiEvent:
         """The next incoming event. Raises MidiPortClosedError once the ports are closed (after
         the events that arrived before), MidiPortError if the driver reported an error."""
-        if self._queue is None:
+        if self._available is None:
             raise MidiPortClosedError("MIDI ports are not open")
-        item = await self._queue.get()
-        if item is _END_OF_STREAM:
-            self._queue.put_nowait(_END_OF_STREAM)  # wake any other waiter too
-            raise MidiPortClosedError("MIDI ports are closed")
-        if isinstance(item, MidiError):
-            raise item
-        return item
+        while True:
+            with self._buffer_lock:
+                event = self._take()
+                failure = self._failure
+            if event is not None:
+                self._burst += 1
+                if self._burst >= _YIELD_EVERY:
+                    self._burst = 0
+                    await asyncio.sleep(0)  # a backlog must not keep OSC and the ticker waiting
+                return event
+            if failure is not None:
+                raise failure
+            if self._closed:
+                raise MidiPortClosedError("MIDI ports are closed")
+            self._burst = 0
+            self._available.clear()
+            await self._available.wait()
 
     def __aiter__(self) -> MidiPorts:
         return self
 
     async def __anext__(self) -> MidiEvent:
-        if self._queue is None:
+        if self._available is None:
             raise MidiPortClosedError("MIDI ports are not open; use `async with MidiPorts(...)`")
         try:
             return await self.receive()
@@ -471,24 +583,65 @@ class MidiPorts:
             raise StopAsyncIteration from None
 
     def _read_input(self) -> None:
-        """Reader thread: poll rtmidi's queue, handle every message, sleep briefly when empty."""
-        midi_in = self._midi_in
-        last_message = time.perf_counter()
+        """Reader thread: poll rtmidi's queue, handle every message, sleep briefly when empty;
+        reopen the ports when the JACK server went away and came back."""
+        last_message = last_sysex_end = time.perf_counter()
         while not self._stop_reading.is_set():
+            if self._watch is not None and self._watch.gone.is_set():
+                self._reopen_after_server_loss()
+                continue
+            midi_in = self._midi_in
             try:
-                message = midi_in.get_message()
+                message = midi_in.get_message() if midi_in is not None else None
             except Exception:
                 self._stats.errors += 1
                 log.exception("reading MIDI input failed")
                 message = None
             now = time.perf_counter()
             if message is None:
+                if self._sysex_end is not None and now - max(last_message, last_sysex_end) >= _SYSEX_END_AFTER_S:
+                    last_sysex_end = now
+                    with contextlib.suppress(rtmidi.RtMidiError):
+                        self._sysex_end.send_message(_SYSEX_END)
                 # Poll fast while music is coming in, slower after a quiet second (CPU).
                 busy = now - last_message < _BUSY_AFTER_MESSAGE_S
                 self._stop_reading.wait(_POLL_INTERVAL_S if busy else _IDLE_POLL_INTERVAL_S)
                 continue
+            if message[0] == _SYSEX_END:
+                self._stamper.stamp(message[1], now)  # keeps the chain of delta times whole
+                continue
             last_message = now
             self._on_message(message, now)
+
+    def _reopen_after_server_loss(self) -> None:
+        """Reader thread: the JACK server is gone. Close the dead clients, wait for a server,
+        reopen the ports. Returns when they are open again or the ports are being closed."""
+        assert self._watch is not None
+        self._connected = False
+        self._stats.server_lost += 1
+        log.error("MIDI: the JACK server went away; the ports are gone, reopening them when it is back")
+        now = time.perf_counter()
+        for channel in list(self._held):
+            self._release_held(channel, now)  # the player's note-offs cannot reach us now
+        self._release()
+        self._watch.close()
+        while not self._stop_reading.wait(_RECONNECT_INTERVAL_S):
+            if not self._watch.open():
+                continue  # no server yet
+            try:
+                self._open_input()
+                self._open_output()
+            except MidiError as err:
+                log.warning("MIDI: a JACK server is back but the ports did not reopen (%s); trying again", err)
+                self._release()
+                self._watch.close()
+                continue
+            self._stamper = ArrivalStamper()  # the new client's delta times start afresh
+            self._connected = True
+            self._stats.reconnected += 1
+            log.warning("MIDI: the JACK server is back; ports reopened: in %s, out %s",
+                        self.input_description, self.output_description)
+            return
 
     def _on_message(self, message_and_delta: tuple[list[int], float], now: float) -> None:
         """Reader thread: stamp, decode, filter, thru, hand over to the event loop. Never raises."""
@@ -516,9 +669,18 @@ class MidiPorts:
                     self.send(data)
                     stats.thru += 1
             if event is None:
+                if data[0] == SYSTEM_RESET:
+                    for held_channel in list(self._held):
+                        self._release_held(held_channel, arrival)
                 stats.ignored += 1
                 return
-            self._loop.call_soon_threadsafe(self._enqueue, event)  # type: ignore[union-attr]
+            if isinstance(event, NoteOn):
+                self._held.setdefault(event.channel, set()).add(event.note)
+            elif isinstance(event, NoteOff):
+                self._held.get(event.channel, set()).discard(event.note)
+            elif isinstance(event, ControlChange) and event.control in (ALL_NOTES_OFF, ALL_SOUND_OFF):
+                self._release_held(event.channel, arrival)
+            self._push(event)
         except Exception:
             # Closing loop (RuntimeError), output failure in thru: count, log, keep going.
             stats.errors += 1
@@ -531,39 +693,157 @@ class MidiPorts:
             return
         error = MidiPortError(self.config.connect_in or self.config.in_port, message)
         log.error("MIDI driver error: %s", message)
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._put_dropping_oldest, error)
+        with self._buffer_lock:
+            if self._failure is None:
+                self._failure = error
+        self._wake()
 
-    def _enqueue(self, event: MidiEvent) -> None:
-        """Event loop thread: put with the drop-oldest overflow policy."""
-        if self._closed:
-            return
-        if self._put_dropping_oldest(event):
-            self._stats.overflowed += 1
+    def _release_held(self, channel: int, time_: float) -> None:
+        """Reader thread: a Note Off for every key held on `channel` (All Notes Off, reset)."""
+        for note in sorted(self._held.pop(channel, ())):
+            self._push(NoteOff(channel, note, 0, time_))
+
+    def _take(self) -> MidiEvent | None:
+        """The next event for the consumer (buffer lock held): an owed release goes before a
+        Note On of its key, and the remaining ones once the buffer is empty."""
+        if self._buffer:
+            event = self._buffer[0]
+            if isinstance(event, NoteOn) and self._owed:
+                owed = self._owed.pop((event.channel, event.note), None)
+                if owed is not None:
+                    return owed
+            return self._buffer.popleft()
+        if self._owed:
+            key = next(iter(self._owed))
+            return self._owed.pop(key)
+        return None
+
+    def _push(self, event: MidiEvent) -> None:
+        """Reader thread: buffer `event` with the drop-oldest overflow policy, wake the loop."""
+        dropped = False
+        with self._buffer_lock:
+            if len(self._buffer) >= self.config.queue_size:
+                oldest = self._buffer.popleft()
+                dropped = True
+                key = _release_key(oldest)
+                if key is not None:
+                    self._owed.pop(key, None)  # re-inserted last: the owed ones stay in time order
+                    self._owed[key] = oldest
+            self._buffer.append(event)
+        stats = self._stats
+        stats.delivered += 1
+        if dropped:
+            stats.overflowed += 1
             now = time.perf_counter()
             if now - self._last_overflow_warning > _WARN_INTERVAL_S:
                 self._last_overflow_warning = now
                 log.warning(
                     "MIDI input queue full (%d): dropped the oldest event (%d dropped so far)",
                     self.config.queue_size,
-                    self._stats.overflowed,
+                    stats.overflowed,
                 )
-        self._stats.delivered += 1
+        self._wake()
 
-    def _put_dropping_oldest(self, item: object) -> bool:
-        """Put `item`, first dropping the oldest entry if full; True if one was dropped."""
-        assert self._queue is not None
-        dropped = False
-        if self._queue.full():
-            self._queue.get_nowait()
-            dropped = True
-        self._queue.put_nowait(item)
-        return dropped
+    def _wake(self) -> None:
+        """Any thread: make a waiting consumer look at the buffer; one call per batch."""
+        with self._buffer_lock:
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(self._on_wake)
+        except RuntimeError:  # the loop closed meanwhile: nobody waits any more
+            pass
+
+    def _on_wake(self) -> None:
+        """Event loop thread."""
+        with self._buffer_lock:
+            self._wake_pending = False
+        if self._available is not None:
+            self._available.set()
 
 
-_END_OF_STREAM = object()
+
+class _JackWatch:
+    """A port-less JACK client whose only job is libjack's shutdown callback: `gone` is set
+    when the server goes away (or drops the client). Never activated, so it takes no part in
+    the server's process cycles (the callback comes all the same). Uses the system's libjack
+    through ctypes, a library instance of its own beside python-rtmidi's."""
+
+    _NO_START_SERVER = 0x01  # JackNoStartServer: never start a server as a side effect
+    _SHUTDOWN_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+    _MESSAGE_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+
+    def __init__(self, lib: ctypes.CDLL, name: str):
+        self._lib = lib
+        self._name = name.encode("utf-8", "replace")[:60]
+        self._client: int | None = None
+        self.gone = threading.Event()
+        # Kept referenced for as long as libjack may call them.
+        self._callback = self._SHUTDOWN_CALLBACK(lambda _arg: self.gone.set())
+        self._quiet = self._MESSAGE_CALLBACK(_log_jack_message)
+        # This library instance is ours alone: its chatter (several lines per failed open while
+        # no server runs) goes to the debug log instead of stderr.
+        lib.jack_set_error_function(self._quiet)
+        lib.jack_set_info_function(self._quiet)
+
+    @classmethod
+    def start(cls, name: str) -> _JackWatch | None:
+        """A watch on the running server, or None when libjack cannot be loaded or opened."""
+        path = ctypes.util.find_library("jack")
+        if path is None:
+            log.warning("MIDI: libjack not found; a JACK server that goes away will not be noticed")
+            return None
+        try:
+            lib = ctypes.CDLL(path)
+            lib.jack_client_open.restype = ctypes.c_void_p
+            lib.jack_client_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
+            lib.jack_on_shutdown.argtypes = [ctypes.c_void_p, cls._SHUTDOWN_CALLBACK, ctypes.c_void_p]
+            lib.jack_client_close.argtypes = [ctypes.c_void_p]
+            lib.jack_set_error_function.argtypes = [cls._MESSAGE_CALLBACK]
+            lib.jack_set_info_function.argtypes = [cls._MESSAGE_CALLBACK]
+        except (OSError, AttributeError) as err:
+            log.warning("MIDI: cannot use %s (%s); a JACK server that goes away will not be noticed", path, err)
+            return None
+        watch = cls(lib, name)
+        if not watch.open():
+            log.warning("MIDI: the JACK watch client did not open; a server that goes away will not be noticed")
+            return None
+        return watch
+
+    def open(self) -> bool:
+        """Open the client and ask for the shutdown callback (False: no server runs)."""
+        self.close()
+        status = ctypes.c_int(0)
+        client = self._lib.jack_client_open(self._name, self._NO_START_SERVER, ctypes.byref(status))
+        if not client:
+            return False
+        self.gone.clear()
+        self._lib.jack_on_shutdown(client, self._callback, None)
+        self._client = client
+        return True
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            self._lib.jack_client_close(client)
+
+
+def _log_jack_message(message: bytes | None) -> None:
+    log.debug("libjack: %s", (message or b"").decode("utf-8", "replace"))
+
+
+def _release_key(event: MidiEvent) -> tuple[int, int] | None:
+    """(channel, note) of a Note Off, (channel, -1) of a sustain pedal release, else None."""
+    if isinstance(event, NoteOff):
+        return (event.channel, event.note)
+    if isinstance(event, ControlChange) and event.is_sustain and not event.pedal_down:
+        return (event.channel, -1)
+    return None
+
 
 __all__ = [
     "API_BY_NAME",

@@ -37,6 +37,9 @@ _KNOWN_TAGS = frozenset("ihfdsbrmtTFN[]")
 # Characters OSC reserves for address patterns and the type tag; a prefix holding them
 # could never match a literal address.
 _PATTERN_CHARS = frozenset(" #*,?[]{}")
+# A reply names the address it answers, cut to this length: an unknown address can be as long
+# as a datagram, and echoing it whole would send 64 KB back for every 64 KB received.
+MAX_ECHOED_ADDRESS = 256
 
 
 @dataclass
@@ -232,6 +235,7 @@ class OscServer:
 
     def _reply_error(self, address: str, reason: str, sender: tuple[str, int]) -> None:
         self.stats.errors += 1
+        address = _echoed(address)
         log.debug("OSC %s refused: %s", address, reason)
         self._send(f"{self.prefix}/error", [address, reason], sender)
 
@@ -245,6 +249,13 @@ class OscServer:
             log.error("OSC reply %s not encodable: %s", address, err)
             datagram = build_message(f"{self.prefix}/error", [address, "reply not encodable as OSC"])
         self._transport.sendto(datagram, target)
+
+
+def _echoed(address: str) -> str:
+    """`address` as a reply names it: whole, or cut to MAX_ECHOED_ADDRESS characters."""
+    if len(address) <= MAX_ECHOED_ADDRESS:
+        return address
+    return address[: MAX_ECHOED_ADDRESS - 3] + "..."
 
 
 def _check_type_tags(dgram: bytes) -> None:

@@ -5,7 +5,12 @@ replaces it atomically), `/rwkv/reload [path]` asks for it, or the trainer annou
 checkpoint over MQTT. `load_compatible` then loads the file (in a worker thread; it blocks)
 and refuses it with `ReloadError` when it is unreadable, corrupt, or made for another
 vocabulary: the running model keeps playing. The daemon swaps an accepted model in at the
-next bar line (`Engine.swap_model` re-primes it from the conversation's tokens).
+next bar line (`EngineProcess.swap_checkpoint` re-primes it from the conversation's tokens).
+
+The file is read once, with plain reads, into a private copy that is then loaded: loading maps
+the file into memory, and a checkpoint truncated or rewritten in place while mapped (`cp` onto
+the watched path, a second trainer) killed the process with SIGBUS. A copy that changed while it
+was read fails its weights hash and is refused like any corrupt file.
 
 Paths that come from outside (OSC, MQTT) are confined to the configured checkpoint's folder
 and the extra `reload_dirs` (`resolve_reload_path`), so a controller on the network cannot
@@ -17,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,20 +101,36 @@ def load_compatible(
     """Load a checkpoint and check it can replace the running model (blocking: call it in a
     worker thread). Same vocabulary hash and size, tokenizer rebuildable. Raises ReloadError."""
     path = Path(path)
-    signature = FileSignature.of(path)
-    try:
-        header = read_meta(path)
-        if header.vocab_hash != vocab_hash:
-            raise ReloadError(
-                path, f"its tokenizer differs (vocabulary {header.vocab_hash}, the running model's {vocab_hash})"
-            )
-        model, meta = load(path, device=device)
-        tokenizer = meta.tokenizer()
-    except CheckpointError as err:
-        raise ReloadError(path, err.reason) from err
+    with tempfile.TemporaryDirectory(prefix="rwkv-music-reload-") as private:
+        copy = Path(private) / "checkpoint.safetensors"
+        signature = _copy_file(path, copy)
+        try:
+            header = read_meta(copy)
+            if header.vocab_hash != vocab_hash:
+                raise ReloadError(
+                    path, f"its tokenizer differs (vocabulary {header.vocab_hash}, the running model's {vocab_hash})"
+                )
+            model, meta = load(copy, device=device)
+            tokenizer = meta.tokenizer()
+        except CheckpointError as err:
+            raise ReloadError(path, err.reason.replace(str(copy), str(path))) from err
     if model.cfg.vocab_size != vocab_size or len(tokenizer) != vocab_size:
         raise ReloadError(path, f"vocabulary of {model.cfg.vocab_size} tokens, the running model has {vocab_size}")
     return LoadedModel(model, meta, path, signature)
+
+
+def _copy_file(source: Path, target: Path) -> FileSignature | None:
+    """Copy `source` to `target` with plain reads (never mapped); the source's signature as
+    it was when opened. Raises ReloadError when it cannot be read."""
+    try:
+        with open(source, "rb") as src, open(target, "wb") as dst:
+            st = os.fstat(src.fileno())
+            shutil.copyfileobj(src, dst, 1 << 20)
+    except FileNotFoundError as err:
+        raise ReloadError(source, "no such file") from err
+    except OSError as err:
+        raise ReloadError(source, f"cannot read it into a private copy ({err})") from err
+    return FileSignature(st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 class CheckpointWatcher:

@@ -50,6 +50,7 @@ from daemon.midi_events import (
     note_on,
     validate,
 )
+from daemon.realtime import make_current_thread_realtime
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +127,16 @@ class OutputScheduler:
         spin_s: float = 0.001,
         clock: Callable[[], float] = time.perf_counter,
         name: str = "midi-output",
+        realtime_priority: int = 0,
     ):
         if not 0.0 <= spin_s <= 0.05:
             raise ValueError(f"spin_s = {spin_s}: must be between 0 and 0.05 seconds")
+        if not 0 <= realtime_priority <= 99:
+            raise ValueError(f"realtime_priority = {realtime_priority}: must be between 0 (off) and 99")
         self._send = send
         self._spin_s = spin_s
+        self._realtime_priority = realtime_priority
+        self.realtime = False  # whether the thread got SCHED_FIFO (see daemon.realtime)
         self._clock = clock
         self._name = name
         self._cond = threading.Condition()
@@ -276,6 +282,13 @@ class OutputScheduler:
     # -- the thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self._realtime_priority:
+            self.realtime = make_current_thread_realtime(self._realtime_priority)
+            if self.realtime:
+                log.info("output thread at real-time priority %d", self._realtime_priority)
+            else:
+                log.info("output thread at normal priority: this system does not allow real-time "
+                         "scheduling here (docs/timing.md)")
         clock = self._clock
         while True:
             with self._cond:

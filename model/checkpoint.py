@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
 from model.errors import CheckpointError
@@ -145,19 +146,43 @@ def unwrap(model: torch.nn.Module) -> RWKV7:
     return model
 
 
+# A safetensors file: 8 bytes of little-endian header length, the JSON header, then the data.
+_MAX_HEADER_BYTES = 100_000_000
+
+
+def _meta_from_header(header: bytes, path: str) -> CheckpointMeta:
+    try:
+        raw = (json.loads(header).get("__metadata__") or {}).get(META_KEY)
+    except (ValueError, AttributeError) as err:  # not JSON, or not an object
+        raise CheckpointError(path, f"not a readable safetensors file (bad header: {err})") from err
+    if raw is None:
+        raise CheckpointError(path, "no rwkv-music metadata in the file header")
+    return CheckpointMeta.from_json(raw, path)
+
+
+def _header_length(prefix: bytes, path: str) -> int:
+    if len(prefix) < 8:
+        raise CheckpointError(path, "not a readable safetensors file (shorter than its header)")
+    n = int.from_bytes(prefix[:8], "little")
+    if n > _MAX_HEADER_BYTES:
+        raise CheckpointError(path, f"not a readable safetensors file (header of {n} bytes)")
+    return n
+
+
 def read_meta(path: str | Path) -> CheckpointMeta:
     """Only the metadata of a checkpoint (cheap: reads the header)."""
     path = str(path)
     try:
-        with safe_open(path, framework="pt") as f:
-            raw = (f.metadata() or {}).get(META_KEY)
+        with open(path, "rb") as f:
+            n = _header_length(f.read(8), path)
+            header = f.read(n)
     except FileNotFoundError as err:
         raise CheckpointError(path, "no such file") from err
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(path, f"not a readable safetensors file ({err})") from err
-    if raw is None:
-        raise CheckpointError(path, "no rwkv-music metadata in the file header")
-    return CheckpointMeta.from_json(raw, path)
+    except OSError as err:
+        raise CheckpointError(path, f"cannot read it ({err})") from err
+    if len(header) < n:
+        raise CheckpointError(path, "not a readable safetensors file (truncated header)")
+    return _meta_from_header(header, path)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[RWKV7, CheckpointMeta]:
@@ -165,14 +190,26 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[RWKV7, C
 
     Refuses (CheckpointError) a missing, truncated or foreign file, weights whose hash differs
     from the one recorded, shapes that do not match the config, and non-finite weights.
+
+    The file is read into memory in one go, not mapped: a file rewritten in place while it is
+    mapped (`cp` over it) makes the reader die of SIGBUS, and one read gives header and
+    weights of the same version.
     """
     path = str(path)
-    meta = read_meta(path)
     try:
-        with safe_open(path, framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        data = Path(path).read_bytes()
+    except FileNotFoundError as err:
+        raise CheckpointError(path, "no such file") from err
+    except OSError as err:
+        raise CheckpointError(path, f"cannot read it ({err})") from err
+    n = _header_length(data[:8], path)
+    if len(data) < 8 + n:
+        raise CheckpointError(path, "not a readable safetensors file (truncated header)")
+    meta = _meta_from_header(data[8: 8 + n], path)
+    try:
+        tensors = load_safetensors_bytes(data)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(path, f"cannot read tensors ({err})") from err
+        raise CheckpointError(path, f"not a readable safetensors file ({err})") from err
     model_id = weights_hash(tensors)
     if meta.model_id and meta.model_id != model_id:
         raise CheckpointError(path, f"weights hash {model_id} differs from the recorded {meta.model_id}")

@@ -387,6 +387,14 @@ class Trainer:
         budget_over = self.cfg.max_minutes > 0 and self.elapsed >= self.cfg.max_minutes * 60
         return self.step >= self.cfg.max_steps or budget_over
 
+    def _remove_stale_temporaries(self) -> None:
+        """Delete the half-written temporary files of an earlier run of this folder that was
+        killed while saving (`atomic_write` names them .<name>.<random>.tmp). Nothing of this
+        run writes yet: saving starts after the first step, behind a barrier under DDP."""
+        for stale in self.out.glob(".*.safetensors.*.tmp"):
+            log.info("removing %s, left by a run killed while saving", stale.name)
+            stale.unlink(missing_ok=True)
+
     def _handle_signal(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         log.warning("signal %d: saving at the end of this step, then stopping", signum)
         self.stop_requested = True
@@ -395,6 +403,8 @@ class Trainer:
         """Train until max_steps or a stop signal. Returns a summary dict."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            self._remove_stale_temporaries()
         old_handlers = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         if self.dist.is_main:
             est = estimate_memory(self.model, cfg, 2 if self.use_bf16 else 4)
