@@ -61,7 +61,9 @@ def import_pth(path: str | Path) -> RWKV7:
     except FileNotFoundError:
         raise
     except Exception as err:  # torch raises many types for a bad or unsafe pickle
-        raise CheckpointError(str(path), f"cannot read as a weights-only .pth ({err})") from err
+        # torch's message is several lines of advice about weights_only: keep its first line.
+        first_line = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise CheckpointError(str(path), f"cannot read as a weights-only .pth ({first_line})") from err
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise CheckpointError(str(path), "expected a dict of tensors")
     return from_blinkdl(tensors)

@@ -329,4 +329,5 @@ def test_checkpoints_are_never_unpickled(tmp_path, capsys):
     assert cli_main(["import", str(tmp_path / "trap.pth"), str(tmp_path / "out.safetensors")]) != 0
     err = capsys.readouterr().err
     assert err.startswith("rwkv-music: error:") and "weights" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err  # one line, not torch's paragraph of advice
     assert not marker.exists()
