@@ -28,6 +28,7 @@ dead: one answer is lost, the conversation is not.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -206,10 +207,8 @@ class EngineProcess:
         conn, stop, process = self._conn, self._stop, self._process
         self._conn = self._stop = self._process = None
         if conn is not None:
-            try:
+            with contextlib.suppress(OSError):  # the child is gone already
                 conn.send(("close", None))
-            except OSError:
-                pass
             conn.close()
         if stop is not None:
             stop.close()
