@@ -311,6 +311,13 @@ def find_port(available: Sequence[str], wanted: str, direction: str) -> int:
     raise PortNotFoundError(wanted, direction, list(available))
 
 
+
+def _describe_port(port: object | None, connect: str, virtual: str) -> str:
+    """How one side is opened, for logs and status: "none", "connected to ..." or "virtual ..."."""
+    if port is None:
+        return "none"
+    return f"connected to {connect!r}" if connect else f"virtual {virtual!r}"
+
 class MidiPorts:
     """The daemon's MIDI input and output, opened in `__aenter__` and closed in `__aexit__`.
 
@@ -500,17 +507,11 @@ class MidiPorts:
 
     @property
     def input_description(self) -> str:
-        cfg = self.config
-        if self._midi_in is None:
-            return "none"
-        return f"connected to {cfg.connect_in!r}" if cfg.connect_in else f"virtual {cfg.in_port!r}"
+        return _describe_port(self._midi_in, self.config.connect_in, self.config.in_port)
 
     @property
     def output_description(self) -> str:
-        cfg = self.config
-        if self._midi_out is None:
-            return "none"
-        return f"connected to {cfg.connect_out!r}" if cfg.connect_out else f"virtual {cfg.out_port!r}"
+        return _describe_port(self._midi_out, self.config.connect_out, self.config.out_port)
 
     @property
     def has_output(self) -> bool:

@@ -41,7 +41,7 @@ def machine_description() -> str:
                 if line.startswith("model name"):
                     cpu = line.split(":", 1)[1].strip()
                     break
-    except OSError:
+    except OSError:  # no /proc (not Linux): keep the platform's name for the CPU
         pass
     gpu = ""
     if torch.cuda.is_available():

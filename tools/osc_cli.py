@@ -58,7 +58,7 @@ def parse_argument(text: str) -> Any:
     for convert in (int, float):
         try:
             return convert(text)
-        except ValueError:
+        except ValueError:  # not this kind of number: try the next, then keep the text
             pass
     return text
 
