@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fnmatch
 import hashlib
 import json
 import logging
@@ -334,8 +335,24 @@ def _read_cache(path: Path, rel: str) -> FileTokens | None:
 # Splits, bars and shards
 
 
-def find_sources(midi_dir: Path) -> list[SourceFile]:
-    """Every .mid/.midi/.abc file under `midi_dir` (recursive, hidden folders skipped), sorted."""
+def is_excluded(rel: str, exclude: Sequence[str]) -> bool:
+    """True when `rel` matches one of the `exclude` patterns.
+
+    A pattern is a folder relative to the input folder ("noncommercial", "a/b") that takes
+    everything under it, or a glob over the whole relative path ("*/drafts/*.mid").
+    """
+    for pattern in exclude:
+        folder = pattern.strip("/")
+        if rel.startswith(folder + "/") or fnmatch.fnmatchcase(rel, pattern):
+            return True
+    return False
+
+
+def find_sources(midi_dir: Path, exclude: Sequence[str] = ()) -> list[SourceFile]:
+    """Every .mid/.midi/.abc file under `midi_dir` (recursive, hidden folders skipped), sorted.
+
+    Files matching a pattern of `exclude` (see `is_excluded`) are left out.
+    """
     found: list[SourceFile] = []
     for dirpath, dirnames, filenames in os.walk(midi_dir):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -343,8 +360,11 @@ def find_sources(midi_dir: Path) -> list[SourceFile]:
             path = Path(dirpath) / name
             if path.suffix.lower() not in INPUT_SUFFIXES or name.endswith(".tmp.mid"):
                 continue
+            rel = path.relative_to(midi_dir).as_posix()
+            if is_excluded(rel, exclude):
+                continue
             st = path.stat()
-            found.append(SourceFile(path.relative_to(midi_dir).as_posix(), path, st.st_size, st.st_mtime_ns))
+            found.append(SourceFile(rel, path, st.st_size, st.st_mtime_ns))
     return sorted(found, key=lambda s: s.rel)
 
 
@@ -441,6 +461,7 @@ def prepare(
     val_fraction: float = 0.05,
     test_fraction: float = 0.05,
     progress: bool = True,
+    exclude: Sequence[str] = (),
 ) -> PrepareSummary:
     """Tokenize every file under `midi_dir` into shards under `out_dir`; returns the summary.
 
@@ -463,9 +484,10 @@ def prepare(
     v_hash = vocab_hash(tokenizer)
     enc_hash = encoding_hash(params, v_hash)
 
-    sources = find_sources(midi_dir)
+    sources = find_sources(midi_dir, exclude)
     if not sources:
-        raise PrepareError(f"no .mid, .midi or .abc files under {midi_dir}")
+        left_out = f" outside {', '.join(exclude)}" if exclude else ""
+        raise PrepareError(f"no .mid, .midi or .abc files under {midi_dir}{left_out}")
     cache_dir = out_dir / CACHE_DIR
     cache_dir.mkdir(parents=True, exist_ok=True)
 
@@ -565,6 +587,7 @@ _EPILOG = """examples:
   rwkv-music prepare data/midi data/prepared
   rwkv-music prepare data/midi data/prepared --jobs 2 --val-fraction 0.1 --test-fraction 0
   rwkv-music prepare data/midi data/prepared --tokenizer-config '{"num_velocities": 8}'
+  rwkv-music prepare ../data/piano data/prepared-piano --exclude noncommercial --exclude performances
 
 Files are found recursively (.mid, .midi, .abc; one piece per ABC tune). Each piece goes to a
 split by a hash of its file's relative path, so the split is the same on every run. A second
@@ -597,6 +620,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--val-fraction", type=float, default=0.05, metavar="F", help="default 0.05")
     parser.add_argument("--test-fraction", type=float, default=0.05, metavar="F", help="default 0.05")
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="leave out a folder under MIDI_DIR, or files matching a glob over the relative "
+        "path (repeatable); the split of the other files does not change",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run_prepare)
 
@@ -613,6 +644,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
         progress=not args.no_progress,
+        exclude=args.exclude,
     )
     shown = 20
     for item in summary.skipped[:shown]:
