@@ -155,3 +155,54 @@ def test_train_fsdp_two_cpu_processes_save_full_weights_and_resume(prepared, tmp
     assert meta.step == 5
     digests = [(tmp_path / f"rank{r}.txt").exists() for r in (0, 1)]
     assert digests == [True, True]
+
+
+def test_train_init_starts_from_the_checkpoint_with_a_fresh_schedule(prepared, tmp_path):
+    from model.checkpoint import load as load_checkpoint
+    from model.rwkv7 import ModelConfig
+    from train.config import TrainConfig
+    from train.loop import Trainer, WindowLoss
+    from train.windows import IGNORE, WindowSampler
+
+    base = tmp_path / "base"
+    assert cli_main(train_cmd(prepared, base, 8)) == 0
+    checkpoint = base / "latest.safetensors"
+    reference, meta = load_checkpoint(checkpoint)
+
+    cfg = TrainConfig(data=str(prepared), out=str(tmp_path / "tuned"), init=str(checkpoint), max_steps=4,
+                      batch_size=4, ctx_len=64, warmup_steps=5, lr=3e-3, num_threads=1)
+    # [model] says something else: the architecture comes from the checkpoint.
+    trainer = Trainer(cfg, ModelConfig(n_layer=4, n_embd=128), progress=False)
+    assert trainer.model.cfg.n_layer == meta.model_config.n_layer == 2
+    assert trainer.step == 0 and not trainer.optimizer.state  # fresh optimizer and schedule
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[name], tensor), name
+
+    # The checkpoint's own loss on the trainer's first batch (same sampler, same seed) ...
+    sampler = WindowSampler(trainer.train_shards, trainer.table, cfg.batch_size, cfg.ctx_len,
+                            carry_state=cfg.carry_state, transpose=cfg.transpose,
+                            tempo_jitter=cfg.tempo_jitter, seed=cfg.seed)
+    batch = sampler.next_batch()
+    with torch.no_grad():
+        loss_sum, _, _ = WindowLoss(reference.train())(batch.idx, batch.targets, None, None)
+    expected = float(loss_sum) / int((batch.targets != IGNORE).sum())
+    # ... is the first loss of the new run.
+    first_loss, _ = trainer.train_step()
+    assert first_loss == pytest.approx(expected, rel=1e-5)
+    summary = trainer.run()
+    _, tuned = load(tmp_path / "tuned" / "latest.safetensors")
+    assert summary["step"] == 4 and tuned.extra["init_model_id"] == meta.model_id
+
+
+def test_train_init_refuses_a_checkpoint_with_another_tokenizer(small_corpus_dir, prepared, tmp_path, capsys):
+    base = tmp_path / "base"
+    assert cli_main(train_cmd(prepared, base, 2)) == 0
+    other = tmp_path / "prepared-8-velocities"
+    assert cli_main(["prepare", str(small_corpus_dir), str(other), "--tokenizer-config",
+                     '{"num_velocities": 8}', "--no-progress"]) == 0
+    capsys.readouterr()
+    code = cli_main(train_cmd(other, tmp_path / "run", 2, "--init", str(base / "latest.safetensors")))
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "tokenizer" in err and "--init" in err, err
+    assert not (tmp_path / "run" / "latest.safetensors").exists()

@@ -13,6 +13,8 @@ EPILOG = """examples:
   rwkv-music train --data data/prepared --out runs/mine
   rwkv-music train --data data/prepared --out runs/mine --max-steps 5000 --set train.lr=6e-4
   rwkv-music train --out runs/mine --resume              # continue exactly where it stopped
+  rwkv-music train --data data/prepared --out runs/ft --init checkpoints/default.safetensors
+                                                         # start from a checkpoint's weights
   torchrun --nproc-per-node 2 -m train --data data/prepared --out runs/ddp   # DDP
 
 The run directory gets latest.safetensors (atomic; a running daemon can watch it),
@@ -27,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run directory")
     p.add_argument("--max-steps", type=int, help="optimizer steps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--init", metavar="CKPT",
+                   help="start from this checkpoint's weights and architecture, with a fresh optimizer "
+                        "and schedule (staged training, adapting a model to your folder)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -44,10 +49,15 @@ def run_train(args: argparse.Namespace) -> int:
     from model.rwkv7 import ModelConfig
     from model.settings import load_section, read_config
     from train.config import TrainConfig
+    from train.errors import TrainError
     from train.loop import Trainer, distributed_cleanup
 
     overrides = list(args.set)
-    for key, value in (("data", args.data), ("out", args.out), ("max_steps", args.max_steps)):
+    if args.init and args.resume:
+        raise TrainError("--init and --resume exclude each other: --resume continues a run, "
+                         "--init starts a new one from a checkpoint")
+    for key, value in (("data", args.data), ("out", args.out), ("max_steps", args.max_steps),
+                       ("init", args.init)):
         if value is not None:
             overrides.append(f"train.{key}={json.dumps(value)}")
     table = read_config(args.config, overrides)

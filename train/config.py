@@ -15,6 +15,7 @@ class TrainConfig:
 
     data: str = "data/prepared"  # a directory written by `rwkv-music prepare`
     out: str = "runs/default"  # run directory: latest/best/periodic checkpoints, metrics
+    init: str = ""  # start from this checkpoint's weights (fresh optimizer and schedule); "" = random
     max_steps: int = 2000  # optimizer steps
     max_minutes: float = 0.0  # wall-clock budget: the schedule ends at whichever comes first (0 = off)
     batch_size: int = 8  # windows per step (per process under DDP)

@@ -126,6 +126,17 @@ def estimate_memory(model: RWKV7, cfg: TrainConfig, bytes_per_act: int) -> dict[
             "total_MiB": (static + acts) / 2**20}
 
 
+def shard_fully(model: RWKV7, module: nn.Module) -> nn.Module:
+    """FSDP2: shard every block of `model`, then the rest of `module` (which holds `model`).
+    Under torchrun with the process group initialised; returns `module`, now sharded."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(module)
+    return module
+
+
 class Trainer:
     """Owns one run directory. `run()` trains to cfg.max_steps (or until SIGINT/SIGTERM)."""
 
@@ -157,8 +168,13 @@ class Trainer:
         if model_cfg.vocab_size != self.train_shards.vocab_size:
             model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(), "vocab_size": self.train_shards.vocab_size})
 
+        init_weights, self.init_model_id = None, None
+        if cfg.init and not resume:
+            model_cfg, init_weights = self._init_weights(cfg.init)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = RWKV7(model_cfg).to(self.device)
+        if init_weights is not None:
+            self.model.load_state_dict(init_weights)
         self.model.grad_checkpointing = cfg.grad_checkpointing
         for name, p in self.model.named_parameters():
             p.requires_grad_(name not in UNUSED_PARAMS)
@@ -184,6 +200,26 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- set-up
 
+    def _init_weights(self, path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+        """The architecture and weights of checkpoint `path`, refused (TrainError, one line)
+        when its tokenizer is not the one the data was prepared with."""
+        from model.checkpoint import load
+        from model.errors import CheckpointError
+
+        try:
+            model, meta = load(path)
+        except CheckpointError as err:
+            raise TrainError(f"--init: {err}") from err
+        if meta.vocab_hash != self.train_shards.vocab_hash:
+            raise TrainError(
+                f"--init {path}: its tokenizer (vocabulary {meta.vocab_hash}) is not the one "
+                f"{self.cfg.data} was prepared with ({self.train_shards.vocab_hash}); prepare the "
+                f"data with the checkpoint's tokenizer")
+        if self.dist.is_main:
+            log.info("starting from %s (model %s, step %d of its own run)", path, meta.model_id, meta.step)
+        self.init_model_id = meta.model_id
+        return model.cfg, model.state_dict()
+
     def _pick_device(self) -> torch.device:
         want = self.cfg.device
         if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
@@ -194,12 +230,7 @@ class Trainer:
 
     def _wrap_distributed(self, module: nn.Module) -> nn.Module:
         if self.cfg.fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            for block in self.model.blocks:
-                fully_shard(block)
-            fully_shard(module)
-            return module
+            return shard_fully(self.model, module)
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
@@ -326,7 +357,8 @@ class Trainer:
         return CheckpointMeta(
             self.model.cfg, self.train_shards.tokenizer_params, self.train_shards.vocab_hash,
             step=self.step, val_loss=val_loss,
-            extra={"train": self.cfg.to_dict(), "tokens_seen": self.tokens_seen,
+            extra={"train": self.cfg.to_dict(), "init_model_id": self.init_model_id,
+                   "tokens_seen": self.tokens_seen,
                    "train_seconds": round(self.elapsed, 1)})
 
     def save_checkpoints(self, val_loss: float | None, periodic: bool) -> None:
@@ -465,8 +497,16 @@ class Trainer:
 
 @contextlib.contextmanager
 def distributed_cleanup():
+    """Destroy the process group on the way out. On a normal exit every rank first waits for
+    the others at a barrier: a rank that tore down gloo while another still used it aborted
+    ("terminate called without an active exception") on a loaded machine. After an error there
+    is no barrier, since the other ranks may never reach it."""
     try:
         yield
-    finally:
+    except BaseException:
         if dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
