@@ -300,7 +300,11 @@ class Block(nn.Module):
         self, x: Tensor, v_first: Tensor | None, att_prev: Tensor | None, ffn_prev: Tensor | None,
         wkv_state: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """x [B, T, C] -> (x, v_first, last ln1 output [B, C], last ln2 output [B, C], wkv state)."""
+        """x [B, T, C] -> (x, v_first of layer 0 or None, last ln1 output [B, C], last ln2
+        output [B, C], wkv state).
+
+        Only layer 0 returns v_first: a later layer would return its own input, which FSDP2
+        sees as a view (it hooks inputs through views) and warns about, as for the slices."""
         if self.layer_id == 0:
             x = self.ln0(x)
         h = self.ln1(x)
@@ -308,7 +312,9 @@ class Block(nn.Module):
         x = x + att_out
         h2 = self.ln2(x)
         x = x + self.ffn(h2, ffn_prev)
-        return x, v_first, h[:, -1], h2[:, -1], wkv_state
+        # Copies, not views of h and h2: FSDP2 hooks a block's outputs for its backward
+        # all-gather, and an in-place op on a view would drop that hook (wrong gradients).
+        return x, v_first if self.layer_id == 0 else None, h[:, -1].clone(), h2[:, -1].clone(), wkv_state
 
 
 class RWKV7(nn.Module):
@@ -368,9 +374,11 @@ class RWKV7(nn.Module):
                                    if state is not None else (None, None, None))
             if self.grad_checkpointing and self.training:
                 # Recompute the block in the backward pass instead of keeping its activations.
-                x, v_first, att_last, ffn_last, wkv = checkpoint(block, *args, use_reentrant=False)
+                x, layer_v, att_last, ffn_last, wkv = checkpoint(block, *args, use_reentrant=False)
             else:
-                x, v_first, att_last, ffn_last, wkv = block(*args)
+                x, layer_v, att_last, ffn_last, wkv = block(*args)
+            if layer_v is not None:
+                v_first = layer_v
             if state is not None:
                 shifts.append(torch.stack([att_last, ffn_last]).float())
                 wkvs.append(wkv.float())
