@@ -48,6 +48,7 @@ from daemon.config import DaemonSettings
 from daemon.controls import Command, Controls, Panic, Reload, Reset, SetParam, Status, Trigger
 from daemon.engine_process import EngineProcess
 from daemon.errors import ClockError, DaemonError, MidiError, SchedulerStoppedError
+from daemon.exit_watchdog import exit_watchdog
 from daemon.midi_ports import MidiPorts
 from daemon.modes import Answer, AnswerAt, Decision, ModeMachine, TakeOver
 from daemon.mqtt_bridge import MqttBridge
@@ -73,6 +74,9 @@ TICK_S = 0.005
 ENCODER_LAG_S = 0.015
 # At most one log line per this many seconds for a failure that repeats every tick.
 _LOG_EVERY_S = 5.0
+# Closing everything (notes off, engine process, ports, servers) takes well under a second; past
+# this the process ends with every thread's traceback instead of hanging (daemon.exit_watchdog).
+_SHUTDOWN_LIMIT_S = 30.0
 
 
 class CheckpointMissingError(DaemonError):
@@ -204,7 +208,9 @@ class Daemon:
     async def __aexit__(self, *exc_info: object) -> None:
         if self._stack is not None:
             stack, self._stack = self._stack, None
-            await stack.aclose()
+            # Closing the MIDI clients can block inside libjack where no Python timeout reaches.
+            with exit_watchdog(_SHUTDOWN_LIMIT_S):
+                await stack.aclose()
         log.info("stopped")
 
     async def _open(self, stack: contextlib.AsyncExitStack) -> None:
