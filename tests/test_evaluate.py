@@ -28,12 +28,16 @@ from tools.generation_metrics import (
     BarNote,
     Key,
     Summary,
+    chord_share,
     density_ratio,
     estimate_key,
     histogram_overlap,
     in_key_share,
+    mean_polyphony,
     onset_histogram,
+    pitch_class_entropy,
     pitch_class_histogram,
+    pitch_range,
 )
 from tools.ngram import NGramModel
 from train.shards import TokenShards
@@ -133,9 +137,31 @@ def test_in_key_share_of_scales():
     assert math.isnan(in_key_share([], c_major))
 
 
+def test_texture_of_a_line_block_chords_and_an_arpeggio():
+    line = notes_of([60, 62, 64, 65], onsets=[0, 1, 2, 3], durations=[1, 1, 1, 1])
+    assert chord_share(line) == 0.0 and mean_polyphony(line) == 1.0
+    assert pitch_range(line) == 5.0
+    # Two triads (C E G, then F A C) held for two beats each: every onset is a chord of three.
+    chords = notes_of([60, 64, 67, 65, 69, 72], onsets=[0, 0, 0, 2, 2, 2], durations=[2] * 6)
+    assert chord_share(chords) == 1.0 and mean_polyphony(chords) == 3.0 and pitch_range(chords) == 12.0
+    # An arpeggio whose notes are held: one onset each, but up to four sound together.
+    arpeggio = notes_of([48, 55, 60, 64], onsets=[0, 0.5, 1, 1.5], durations=[4, 3.5, 3, 2.5])
+    assert chord_share(arpeggio) == 0.0
+    assert mean_polyphony(arpeggio) == pytest.approx((1 * 2 + 2 * 2 + 3 * 2 + 4 * 10) / 16)
+    # A left-hand note and a melody note on the same onset in another bar count per bar.
+    two_bars = notes_of([48, 72], onsets=[0, 0]) + notes_of([50], onsets=[0], bar=1)
+    assert chord_share(two_bars) == pytest.approx(0.5)
+    assert pitch_class_entropy(notes_of([60, 72, 48])) == 0.0
+    assert pitch_class_entropy(notes_of(list(range(60, 72)))) == pytest.approx(math.log2(12))
+    assert pitch_class_entropy(notes_of([60, 62])) == pytest.approx(1.0)
+    for figure in (chord_share, mean_polyphony, pitch_range, pitch_class_entropy):
+        assert math.isnan(figure([]))
+
+
 def test_summary_mean_std_ci_and_nan():
     s = Summary.of([1.0, 2.0, 3.0, float("nan")])
-    assert (s.mean, s.std, s.n) == (2.0, 1.0, 3)
+    assert (s.mean, s.std, s.n, s.median) == (2.0, 1.0, 3, 2.0)
+    assert Summary.of([1.0, 2.0, 10.0]).median == 2.0
     assert s.ci95 == pytest.approx(1.96 / math.sqrt(3))
     assert Summary.of([float("nan")]).n == 0 and math.isnan(Summary.of([]).mean)
 
@@ -145,6 +171,7 @@ def test_pair_figures_of_a_perfect_copy():
     figures = pair_figures(real, real, Key(0, False, 1.0), bars=1)
     assert figures.pitch_class_overlap == pytest.approx(1.0) and figures.onset_overlap == pytest.approx(1.0)
     assert figures.density_ratio == 1.0 and figures.in_key_share == 1.0 and figures.notes_per_bar == 8
+    assert figures.chord_share == 0.0 and figures.polyphony == 1.0 and figures.pitch_range == 12.0
 
 
 # --------------------------------------------------------------------------------- real shards
@@ -296,7 +323,9 @@ def test_eval_json_reports_generation_for_the_model_and_both_baselines(checkpoin
             assert 0.0 <= figures[key]["mean"] <= 1.0
         assert figures["pitch_class_overlap"]["n"] == 3 and figures["density_ratio"]["mean"] >= 0
     reference = gen["systems"][3]["figures"]
-    assert reference["pitch_class_overlap"] == {"mean": None, "std": None, "ci95": None, "n": 0}
+    assert reference["pitch_class_overlap"] == {"mean": None, "std": None, "ci95": None, "n": 0, "median": None}
+    for key in ("chord_share", "polyphony", "pitch_range", "pc_entropy"):  # texture beside the real one's
+        assert reference[key]["n"] == 3 and gen["systems"][0]["figures"][key]["n"] >= 1
     assert 0 < reference["in_key_share"]["mean"] <= 1
 
     # The repeat-the-last-bar row, recomputed here from the same pairs.
@@ -324,20 +353,43 @@ def test_eval_json_reports_generation_for_the_model_and_both_baselines(checkpoin
     assert reference["notes_per_bar"]["mean"] == pytest.approx(np.mean(real_density))
 
 
-def test_eval_table_lists_every_system(checkpoint, prepared, capsys):
+def test_eval_table_lists_every_system_and_the_baseline_checkpoint(checkpoint, prepared, tmp_path, capsys):
+    from model import load
+    from model.checkpoint import save
+
+    # A second checkpoint of the same tokenizer: the same weights, perturbed.
+    model, meta = load(checkpoint)
+    with torch.no_grad():
+        model.head.weight.mul_(0.5)
+    baseline = tmp_path / "baseline.safetensors"
+    meta.model_id = ""
+    save(model, baseline, meta)
     args = ["eval", str(checkpoint), str(prepared), "--max-tokens", "2000", "--ngram-order", "2",
-            "--pairs", "2", "--bars", "1", "--top-p", "0.9"]
+            "--pairs", "2", "--bars", "1", "--top-p", "0.9", "--baseline", str(baseline)]
     assert cli_main(args) == 0
     out = capsys.readouterr().out
     assert "generation on 2 pairs of the test split" in out and "top-p 0.9" in out
-    for heading in ("pitch-class overlap", "onset overlap", "density ratio", "in-key share", "notes/bar"):
+    for heading in ("pitch-class overlap", "onset overlap", "density ratio", "in-key share", "notes/bar",
+                    "chord share", "polyphony", "pitch range", "pc entropy"):
         assert heading in out
-    rows = out.split("mean ± 95% CI over pairs\n")[1].splitlines()[1:]
-    names = [row[:32].strip() for row in rows]
-    assert names[0].startswith("RWKV-7") and names[1:] == ["repeat the last bar", "2-gram",
-                                                           "real continuation (reference)"]
-    assert rows[1][32:].count("±") == 5
-    assert rows[3][32:].split()[:3] == ["-", "-", "-"] and rows[3][32:].count("±") == 2
+    nll_rows = out.split("NLL/note\n")[1].split("\n\n")[0].splitlines()
+    assert [row.split()[0] for row in nll_rows] == ["RWKV-7", "baseline", "2-gram"]
+    agreement, texture = out.split("agreement with the real continuation\n")[1].split("\ntexture\n")
+    for block, cells in ((agreement, 4), (texture.strip(), 5)):
+        rows = block.strip().splitlines()[1:]
+        names = [row[:36].strip() for row in rows]
+        assert names[0].startswith("RWKV-7") and names[1].startswith("baseline RWKV-7")
+        assert names[2:] == ["repeat the last bar", "2-gram", "real continuation (reference)"]
+        assert rows[2][36:].count("±") == cells
+    reference = agreement.strip().splitlines()[-1][36:].split()
+    assert reference[:3] == ["-", "-", "-"]
+    assert texture.strip().splitlines()[-1][36:].count("±") == 5  # the real texture, to compare with
+
+    other = tmp_path / "other.safetensors"
+    meta.vocab_hash = "0" * 16
+    save(model, other, meta)
+    assert cli_main(["eval", str(checkpoint), str(prepared), "--baseline", str(other)]) == 2
+    assert "another tokenizer" in capsys.readouterr().err
 
 
 def test_eval_without_pairs_skips_generation_and_bad_values_are_one_line_errors(checkpoint, prepared, capsys):

@@ -13,16 +13,26 @@ continues the context by the same number of bars and its notes are compared with
   density ratio         generated notes per bar / real notes per bar
   in-key share          share of the notes in the scale of the context's key (Krumhansl-Schmuckler)
 
-Systems: the model (daemon.engine.Engine: BOS + context, then generate), the context's last bar
-repeated, and the n-gram sampled under the same REMI grammar mask with the same sampling
-settings. A reference row gives the real continuation's own in-key share and density. Every
-passage is decoded by the same streaming decoder (model.remi_grammar.RemiStreamDecoder).
-Figures are means over pairs with a 95% confidence interval (1.96 standard errors).
+and its texture is set beside the real continuation's (does it keep the player's texture?):
+
+  notes/bar             notes per bar
+  chord share           share of onsets where two or more notes start together
+  polyphony             mean number of notes sounding at once, where anything sounds
+  pitch range           semitones from the lowest to the highest note
+  pc entropy            entropy of the pitch-class histogram, bits
+
+Systems: the model (daemon.engine.Engine: BOS + context, then generate), optionally a second
+checkpoint (--baseline, e.g. the chorale model), the context's last bar repeated, and the
+n-gram sampled under the same REMI grammar mask with the same sampling settings. A reference
+row gives the real continuation's own in-key share and texture. Every passage is decoded by the
+same streaming decoder (model.remi_grammar.RemiStreamDecoder). Figures are medians and means
+over pairs, the means with a 95% confidence interval (1.96 standard errors).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -37,13 +47,17 @@ from tools.generation_metrics import (
     BarNote,
     Key,
     Summary,
+    chord_share,
     density_ratio,
     estimate_key,
     histogram_overlap,
     in_key_share,
+    mean_polyphony,
     notes_per_bar,
     onset_histogram,
+    pitch_class_entropy,
     pitch_class_histogram,
+    pitch_range,
 )
 
 log = logging.getLogger(__name__)
@@ -52,16 +66,25 @@ EPILOG = """examples:
   rwkv-music eval checkpoints/default.safetensors data/prepared-default
   rwkv-music eval checkpoints/default.safetensors data/prepared-default --pairs 400 --bars 2 --json
   rwkv-music eval runs/mine/best.safetensors data/prepared --split val --max-tokens 100000 --pairs 0
+  rwkv-music eval checkpoints/default.safetensors data/prepared-piano --baseline checkpoints/chorale.safetensors
 """
 
-# Figures per system, in table order: (key, column heading, digits).
-FIGURES: tuple[tuple[str, str, int], ...] = (
+# Figures per system, in table order: (key, column heading, digits). Agreement with the real
+# continuation first, then texture, which the real continuation's row has too.
+AGREEMENT: tuple[tuple[str, str, int], ...] = (
     ("pitch_class_overlap", "pitch-class overlap", 3),
     ("onset_overlap", "onset overlap", 3),
     ("density_ratio", "density ratio", 2),
     ("in_key_share", "in-key share", 3),
-    ("notes_per_bar", "notes/bar", 2),
 )
+TEXTURE: tuple[tuple[str, str, int], ...] = (
+    ("notes_per_bar", "notes/bar", 2),
+    ("chord_share", "chord share", 3),
+    ("polyphony", "polyphony", 2),
+    ("pitch_range", "pitch range", 1),
+    ("pc_entropy", "pc entropy", 2),
+)
+FIGURES = AGREEMENT + TEXTURE
 
 
 @dataclass
@@ -100,6 +123,10 @@ class PairFigures:
     density_ratio: float = math.nan
     in_key_share: float = math.nan
     notes_per_bar: float = math.nan
+    chord_share: float = math.nan
+    polyphony: float = math.nan
+    pitch_range: float = math.nan
+    pc_entropy: float = math.nan
 
 
 @dataclass
@@ -127,6 +154,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass, 1 = off (default 0.95, as the daemon)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default 0)")
+    p.add_argument("--baseline", type=Path, metavar="CKPT",
+                   help="a second checkpoint (same tokenizer) scored and continued beside the first")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=run_eval)
 
@@ -244,6 +273,10 @@ def model_continuation(engine, pair: Pair, bars: int, settings, seed: int) -> li
     return engine.generate(bars, settings, seed=seed).tokens[0]
 
 
+def _continue_with(engine, bars: int, settings, seed: int, i: int, pair: Pair) -> list[int]:
+    return model_continuation(engine, pair, bars, settings, seed + i)
+
+
 def repeat_last_bar(pair: Pair, bars: int) -> list[int]:
     """The context's last bar, `bars` times."""
     return pair.last_bar.tolist() * bars
@@ -282,6 +315,13 @@ def ngram_continuation(ngram, grammar, history: Sequence[int], bars: int, settin
     return tokens
 
 
+def texture(notes: list[BarNote], bars: int) -> dict[str, float]:
+    """A passage's own texture figures (see TEXTURE)."""
+    return {"notes_per_bar": notes_per_bar(notes, bars), "chord_share": chord_share(notes),
+            "polyphony": mean_polyphony(notes), "pitch_range": pitch_range(notes),
+            "pc_entropy": pitch_class_entropy(notes)}
+
+
 def pair_figures(generated: list[BarNote], real: list[BarNote], key: Key | None, bars: int) -> PairFigures:
     """A system's figures on one pair: generated notes against the real continuation's."""
     return PairFigures(
@@ -289,14 +329,14 @@ def pair_figures(generated: list[BarNote], real: list[BarNote], key: Key | None,
         onset_overlap=histogram_overlap(onset_histogram(generated), onset_histogram(real)),
         density_ratio=density_ratio(generated, real, bars),
         in_key_share=in_key_share(generated, key) if key is not None else math.nan,
-        notes_per_bar=notes_per_bar(generated, bars),
+        **texture(generated, bars),
     )
 
 
 def reference_figures(real: list[BarNote], key: Key | None, bars: int) -> PairFigures:
-    """The real continuation's own figures: in-key share against the context's key, density."""
+    """The real continuation's own figures: in-key share against the context's key, texture."""
     return PairFigures(in_key_share=in_key_share(real, key) if key is not None else math.nan,
-                       notes_per_bar=notes_per_bar(real, bars))
+                       **texture(real, bars))
 
 
 def summarise(name: str, rows: list[PairFigures], seconds: float) -> GenerationResult:
@@ -352,12 +392,20 @@ def run_eval(args: argparse.Namespace) -> int:
     pieces = pieces_of(shards, args.max_tokens, bos)
     notes = int(sum(np.count_nonzero(table.pitch_of[piece] >= 0) for piece in pieces))
 
+    models = [(f"RWKV-7 {meta.model_id}", model, meta)]
+    if args.baseline is not None:
+        base_model, base_meta = load(args.baseline)
+        if base_meta.vocab_hash != meta.vocab_hash:
+            raise UserError(f"--baseline {args.baseline} has another tokenizer than {args.checkpoint}; "
+                            "both must read the same prepared data")
+        models.append((f"baseline RWKV-7 {base_meta.model_id}", base_model, base_meta))
+
     results = []
-    t0 = time.perf_counter()
-    total, count = model_nll(model, pieces)
-    model_name = f"RWKV-7 {meta.model_id}"
-    results.append(NllResult(model_name, total / count, total / max(1, notes), count, notes,
-                             time.perf_counter() - t0))
+    for name, scored, _ in models:
+        t0 = time.perf_counter()
+        total, count = model_nll(scored, pieces)
+        results.append(NllResult(name, total / count, total / max(1, notes), count, notes,
+                                 time.perf_counter() - t0))
 
     t0 = time.perf_counter()
     train = TokenShards(args.data, "train")
@@ -392,15 +440,17 @@ def run_eval(args: argparse.Namespace) -> int:
         if len(pairs) < args.pairs:
             log.warning("only %d of the %d pieces can give a pair; using %d pairs",
                         len(pairs), len(shards), len(pairs))
-        engine = Engine(model, meta)
         grammar = RemiGrammar(tokenizer)
-        systems = {
-            model_name: lambda i, pair: model_continuation(engine, pair, args.bars, settings, args.seed + i),
+        systems: dict[str, Callable[[int, Pair], list[int]]] = {}
+        for name, generating, generating_meta in models:
+            engine = Engine(generating, generating_meta)
+            systems[name] = functools.partial(_continue_with, engine, args.bars, settings, args.seed)
+        systems.update({
             "repeat the last bar": lambda i, pair: repeat_last_bar(pair, args.bars),
             f"{order}-gram": lambda i, pair: ngram_continuation(
                 ngram, grammar, [bos, *pair.context.tolist()], args.bars, settings,
                 torch.Generator().manual_seed(args.seed + i)),
-        }
+        })
         generation = evaluate_generation(pairs, systems, grammar.layout, args.bars)
 
     if args.json:
@@ -431,16 +481,19 @@ def json_summary(summary: Summary) -> dict[str, float | int | None]:
 
 
 def generation_table(generation: list[GenerationResult], n_pairs: int, args: argparse.Namespace, settings) -> str:
-    """The generation figures as a text table: mean ± 95% CI half-width per cell."""
+    """The generation figures as two text tables (agreement, texture): per cell the median,
+    then the mean ± 95% CI half-width."""
     lines = [f"generation on {n_pairs} pairs of the {args.split} split: up to {args.context_bars} bars of context, "
              f"{args.bars} bars continued (temperature {settings.temperature:g}, top-p {settings.top_p:g}, "
-             f"top-k {settings.top_k}); mean ± 95% CI over pairs"]
-    width = 32
-    lines.append(f"{'system':<{width}}" + "".join(f" {heading:>19}" for _, heading, _ in FIGURES))
-    for g in generation:
-        cells = []
-        for key, _, digits in FIGURES:
-            s = g.figures[key]
-            cells.append("-" if s.n == 0 else f"{s.mean:.{digits}f} ± {s.ci95:.{digits}f}")
-        lines.append(f"{g.name:<{width}}" + "".join(f" {cell:>19}" for cell in cells))
+             f"top-k {settings.top_k}); per cell: median (mean ± 95% CI) over pairs"]
+    width = 36
+    for title, figures in (("agreement with the real continuation", AGREEMENT), ("texture", TEXTURE)):
+        lines += ["", title]
+        lines.append(f"{'system':<{width}}" + "".join(f" {heading:>22}" for _, heading, _ in figures))
+        for g in generation:
+            cells = []
+            for key, _, digits in figures:
+                s = g.figures[key]
+                cells.append("-" if s.n == 0 else f"{s.median:.{digits}f} ({s.mean:.{digits}f}±{s.ci95:.{digits}f})")
+            lines.append(f"{g.name:<{width}}" + "".join(f" {cell:>22}" for cell in cells))
     return "\n".join(lines)

@@ -5,7 +5,12 @@
 - density ratio: generated notes per bar / real notes per bar;
 - the key of a passage by the Krumhansl-Schmuckler method (correlate the passage's
   duration-weighted pitch-class profile with the 24 rotated key profiles, take the best), and the
-  share of notes whose pitch class belongs to that key's scale.
+  share of notes whose pitch class belongs to that key's scale;
+- texture, each figure of one passage on its own (compare a continuation's with the real one's):
+  chord share (onsets where two or more notes start together), mean polyphony (notes sounding at
+  once, on a sixteenth-note grid, where anything sounds), pitch range (semitones from the lowest
+  to the highest note) and the entropy of the pitch-class histogram (bits; 0 = one pitch class,
+  log2 12 = 3.58 = all twelve equally).
 
 Pure functions: no tokenizer, no model. Notes are `BarNote`s, positioned inside their bar.
 """
@@ -139,16 +144,63 @@ def in_key_share(notes: Sequence[BarNote], key: Key) -> float:
     return sum(note.pitch % 12 in scale for note in notes) / len(notes)
 
 
+def chord_share(notes: Sequence[BarNote], grid_per_beat: int = 8) -> float:
+    """The share of distinct onsets (bar, position on a 1/`grid_per_beat`-beat grid) at which two
+    or more notes start; NaN for no notes. A single melodic line gives 0, block chords 1."""
+    if not notes:
+        return float("nan")
+    counts: dict[tuple[int, int], int] = {}
+    for note in notes:
+        key = (note.bar, int(math.floor(note.onset * grid_per_beat + 0.5)))
+        counts[key] = counts.get(key, 0) + 1
+    return sum(c >= 2 for c in counts.values()) / len(counts)
+
+
+def mean_polyphony(notes: Sequence[BarNote], beats_per_bar: float = 4.0, grid_per_beat: int = 4) -> float:
+    """The mean number of notes sounding at once over the grid steps where at least one sounds;
+    NaN for no notes. `beats_per_bar` places the bars on one time line (only the overlap of notes
+    across bar lines depends on it)."""
+    if not notes:
+        return float("nan")
+    starts = [int(round((n.bar * beats_per_bar + n.onset) * grid_per_beat)) for n in notes]
+    ends = [max(s + 1, int(round((n.bar * beats_per_bar + n.onset + n.duration) * grid_per_beat)))
+            for n, s in zip(notes, starts)]
+    origin = min(starts)
+    sounding = np.zeros(max(ends) - origin, np.int64)
+    for s, e in zip(starts, ends):
+        sounding[s - origin:e - origin] += 1
+    busy = sounding[sounding > 0]
+    return float(busy.mean())
+
+
+def pitch_range(notes: Sequence[BarNote]) -> float:
+    """Semitones from the lowest to the highest pitch; NaN for no notes."""
+    if not notes:
+        return float("nan")
+    pitches = [n.pitch for n in notes]
+    return float(max(pitches) - min(pitches))
+
+
+def pitch_class_entropy(notes: Sequence[BarNote]) -> float:
+    """Shannon entropy (bits) of the normalised pitch-class histogram; NaN for no notes."""
+    counts = pitch_class_histogram(notes)
+    if counts.sum() == 0:
+        return float("nan")
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
 @dataclass(frozen=True)
 class Summary:
-    """Mean of a figure over pairs, its sample standard deviation and the half-width of a 95%
-    confidence interval of the mean (normal approximation, 1.96 standard errors); NaN values
-    (a figure undefined for a pair) are left out and `n` counts the rest."""
+    """Mean of a figure over pairs, its sample standard deviation, the half-width of a 95%
+    confidence interval of the mean (normal approximation, 1.96 standard errors) and the
+    median; NaN values (a figure undefined for a pair) are left out and `n` counts the rest."""
 
     mean: float
     std: float
     ci95: float
     n: int
+    median: float = float("nan")
 
     @classmethod
     def of(cls, values: Iterable[float]) -> Summary:
@@ -156,4 +208,4 @@ class Summary:
         if len(x) == 0:
             return cls(float("nan"), float("nan"), float("nan"), 0)
         std = float(x.std(ddof=1)) if len(x) > 1 else 0.0
-        return cls(float(x.mean()), std, 1.96 * std / math.sqrt(len(x)), len(x))
+        return cls(float(x.mean()), std, 1.96 * std / math.sqrt(len(x)), len(x), float(np.median(x)))
