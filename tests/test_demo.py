@@ -138,13 +138,14 @@ def test_demo_starts_a_private_jack_server_when_none_runs(tmp_path, monkeypatch,
     assert not jack_server_running()
 
 
-def test_read_phrase_cuts_the_bars_of_a_real_chorale():
-    """The bundled chorale's first two bars: four voices, ends cut at the bar line, no key struck
-    while it sounds."""
+def test_read_phrase_cuts_the_bars_of_the_bundled_piano_phrase():
+    """The bundled Gymnopedie's first two bars: both hands (bass below C3, melody above C5),
+    ends cut at the bar line, no key struck while it sounds."""
     phrase = read_phrase(DEFAULT_PHRASE, 2)
-    assert phrase.meter == "4/4" and phrase.bars == 2
-    assert len(phrase.notes) >= 16
-    assert all(0 <= n.start_beats < n.end_beats <= 8.0 for n in phrase.notes)
+    assert phrase.meter == "3/4" and phrase.bars == 2
+    assert len(phrase.notes) >= 12
+    assert min(n.pitch for n in phrase.notes) < 48 and max(n.pitch for n in phrase.notes) > 72
+    assert all(0 <= n.start_beats < n.end_beats <= 6.0 for n in phrase.notes)
     assert min(n.start_beats for n in phrase.notes) == 0.0
     by_pitch: dict[int, list] = {}
     for n in phrase.notes:

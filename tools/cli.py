@@ -33,7 +33,7 @@ EPILOG = """examples:
   rwkv-music prepare data/midi data/prepared    # MIDI -> REMI token shards
   rwkv-music train --data data/prepared --out runs/mine
   rwkv-music complete song.mid out.mid --bars 4 --variations 4 --png out.png
-  rwkv-music demo                               # the daemon answering a Bach phrase, end to end
+  rwkv-music demo                               # the daemon answering a piano phrase, end to end
   rwkv-music bench step                         # our RWKV7.step against the rwkv package
   rwkv-music export checkpoints/default.safetensors out.pth
 """

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = PROJECT_ROOT / "checkpoints" / "default.safetensors"
-DEFAULT_PHRASE = PROJECT_ROOT / "examples" / "bach-bwv26.6.mid"
+DEFAULT_PHRASE = PROJECT_ROOT / "examples" / "satie-gymnopedie-1.mid"
 TICKS_PER_BEAT = 480
 # The phrase starts at the first bar line at least this far ahead once everything is connected.
 START_MARGIN_S = 0.8
@@ -62,7 +62,7 @@ DAEMON_START_TIMEOUT_S = 120.0
 _tags = itertools.count()
 
 EPILOG = """examples:
-  rwkv-music demo                                   # a Bach chorale's first 4 bars, a 2-bar answer -> out/
+  rwkv-music demo                                   # a Satie phrase (4 bars), a 2-bar answer -> out/
   rwkv-music demo --phrase my-riff.mid --bars 2 --length 4 --tempo 96
   rwkv-music demo --checkpoint runs/mine/latest.safetensors --out out/mine --seed 3
   rwkv-music demo --set daemon.temperature=0.8 --set daemon.top_p=0.9
@@ -87,7 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="model to play (default: checkpoints/default.safetensors of the project)")
     p.add_argument("--phrase", type=Path, default=None,
-                   help="MIDI file whose first bars are played (default: examples/bach-bwv26.6.mid)")
+                   help="MIDI file whose first bars are played (default: examples/satie-gymnopedie-1.mid)")
     p.add_argument("--bars", type=int, default=4, help="bars of the phrase to play, 1..32 (default 4)")
     p.add_argument("--length", type=int, default=2, help="bars of the answer, 1..16 (default 2)")
     p.add_argument("--tempo", type=float, default=120.0, help="BPM, 20..300 (default 120)")
