@@ -993,13 +993,19 @@ class BackgroundDaemon:
         assert self._loop is not None and self.daemon is not None
         return asyncio.run_coroutine_threadsafe(self.daemon.execute(command), self._loop).result(timeout)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop the daemon (note-offs, ports closed) and wait for its thread."""
+    def stop(self, timeout: float = 2 * _SHUTDOWN_LIMIT_S) -> None:
+        """Stop the daemon (note-offs, ports closed) and wait for its thread to end.
+
+        Raises DaemonError if it has not ended within `timeout`: its ports may still be closing,
+        and a caller that went on (opening new ones) would race libjack. The daemon's own
+        shutdown is bounded by `exit_watchdog`, so the default wait is long enough."""
         if self._loop is not None and self._stop is not None and not self._loop.is_closed():
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._stop.set)
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise DaemonError(f"the daemon did not stop within {timeout:g} s")
 
     def __enter__(self) -> BackgroundDaemon:
         self.start()

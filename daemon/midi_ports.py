@@ -52,11 +52,13 @@ swallowed run, which is counted invalid) and is otherwise ignored. Deafness last
 JACK cannot hide a port, so the guard's is named "<in_port> (internal):sysex-guard, do not
 connect" (README, "Routing").
 
-Closing order on JACK: input, output, then the SysEx guard. Closing the guard first (which
-changes the connections of our input) and then unregistering the input's port crashed the
-process now and then inside libjack (jack2 issue 216: the client's notification thread walks
-its port list while the port is removed from it): 3 crashes in 3 runs of 300 open/close cycles
-on a loaded machine, none in 6 such runs in this order.
+Order on JACK: open the output, the input, then the SysEx guard with its connection; close the
+input, the output, then the guard. libjack crashes the process now and then when a client's
+port list changes (a port registered or unregistered) while the client's notification thread
+walks that list for a latency update that a change of connections elsewhere set off (jack2 issue
+216): closing the guard first and then the input's port crashed 3 runs in 3 of 300 open/close
+cycles on a loaded machine, this order none in 6 such runs; the guard's connection comes last
+at open so that no port of ours is registered while its latency update is under way.
 
 Invalid bytes (truncated, stray data bytes, undefined status) are counted in `stats.invalid`
 and dropped; nothing raised while handling a message escapes the reader thread.
@@ -390,8 +392,8 @@ class MidiPorts:
             else:
                 log.warning("MIDI: the JACK watch did not start; a server that goes away will not be noticed")
         try:
-            self._open_input()
             self._open_output()
+            self._open_input()  # last: it wires the SysEx guard to the input (see _release)
         except BaseException:
             self._release()
             if self._watch is not None:
@@ -643,8 +645,8 @@ class MidiPorts:
             if not self._watch.open():
                 continue  # no server yet
             try:
-                self._open_input()
                 self._open_output()
+                self._open_input()
             except MidiError as err:
                 log.warning("MIDI: a JACK server is back but the ports did not reopen (%s); trying again", err)
                 self._release()
