@@ -294,3 +294,21 @@ def test_prepare_user_mistakes_are_one_line_errors(midi_tree: Path, tmp_path: Pa
         assert cli_main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
+
+
+def test_prepare_exclude_leaves_folders_and_globs_out_and_keeps_the_other_splits(
+    midi_tree: Path, prepared: Path, tmp_path: Path
+) -> None:
+    everything = _all_names(prepared)
+    folders = sorted({name.split("/")[0] for names in everything.values() for name in names if "/" in name})
+    assert len(folders) >= 2
+    left_out = folders[0]
+    out = tmp_path / "excluded"
+    assert _prepare(midi_tree, out, "--exclude", left_out, "--exclude", "*.abc") == 0
+    kept = _all_names(out)
+    for split, names in everything.items():
+        expected = [n for n in names if not n.startswith(left_out + "/") and ".abc#" not in n]
+        assert kept[split] == expected  # nothing else moved to another split
+    summary = json.loads((out / "prepare.json").read_text())
+    assert left_out not in summary["folders"]
+    assert _prepare(midi_tree, tmp_path / "nothing", "--exclude", "*") == 2
