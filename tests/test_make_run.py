@@ -26,7 +26,6 @@ from daemon.jack_server import (
     JackServerError,
     PrivateJackServer,
     private_jack_wanted,
-    usable_midi_api,
 )
 from daemon.midi_ports import jack_server_running
 from tools.cli import main as cli_main
@@ -113,29 +112,50 @@ def test_make_run_starts_a_private_jack_server_and_stops_on_ctrl_c(tmp_path, mon
 needs_jackd = pytest.mark.skipif(shutil.which("jackd") is None, reason="jackd is not installed")
 
 
-@needs_jackd
-def test_private_jack_server_runs_for_the_block_and_restores_the_environment(monkeypatch, tmp_path):
-    import rtmidi
+PRIVATE_SERVER_SCRIPT = """
+import os, subprocess, sys
+from pathlib import Path
+import pytest, rtmidi
+from daemon.jack_server import JackServerError, PrivateJackServer, private_jack_wanted, usable_midi_api
+from daemon.midi_ports import jack_server_running
 
-    monkeypatch.setenv("JACK_DEFAULT_SERVER", "rwkv-before")
-    assert usable_midi_api("jack") is None
-    with PrivateJackServer(log_path=tmp_path / "jackd.log") as server:
-        assert os.environ["JACK_DEFAULT_SERVER"] == server.name and server.running
-        assert usable_midi_api("jack") == "jack"
-        assert not private_jack_wanted("auto", "jack")
-        # A real client of this process sees the server, as does an independent tool.
-        port = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name="probe-client")
-        port.open_virtual_port("probe")
-        try:
-            assert "probe-client:probe" in jack_ports(server.name)
-        finally:
-            port.delete()
-        # A second server of the same name is refused, not mistaken for this one.
-        with pytest.raises(JackServerError, match="runs already"):
-            PrivateJackServer(server.name, log_path=tmp_path / "second.log").start()
-        assert os.environ["JACK_DEFAULT_SERVER"] == server.name
-    assert os.environ["JACK_DEFAULT_SERVER"] == "rwkv-before"
-    assert not server.running and not server_runs(server.name, monkeypatch)
+def jack_ports(server):
+    result = subprocess.run(["jack_lsp", "-s", server], capture_output=True, text=True, timeout=10)
+    return [line for line in result.stdout.splitlines() if line and not line.startswith(" ")]
+
+log_dir = Path(sys.argv[1])
+os.environ["JACK_DEFAULT_SERVER"] = "rwkv-before"
+assert usable_midi_api("jack") is None
+with PrivateJackServer(log_path=log_dir / "jackd.log") as server:
+    assert os.environ["JACK_DEFAULT_SERVER"] == server.name and server.running
+    assert usable_midi_api("jack") == "jack"
+    assert not private_jack_wanted("auto", "jack")
+    # A real client of this process sees the server, as does an independent tool.
+    port = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name="probe-client")
+    port.open_virtual_port("probe")
+    try:
+        assert "probe-client:probe" in jack_ports(server.name)
+    finally:
+        port.delete()
+    # A second server of the same name is refused, not mistaken for this one.
+    with pytest.raises(JackServerError, match="runs already"):
+        PrivateJackServer(server.name, log_path=log_dir / "second.log").start()
+    assert os.environ["JACK_DEFAULT_SERVER"] == server.name
+assert os.environ["JACK_DEFAULT_SERVER"] == "rwkv-before"
+assert not server.running
+os.environ["JACK_DEFAULT_SERVER"] = server.name
+assert not jack_server_running()
+print("ok")
+"""
+
+
+@needs_jackd
+def test_private_jack_server_runs_for_the_block_and_restores_the_environment(tmp_path):
+    # In a process of its own: libjack keeps per-process state, and this process holds clients
+    # of the session's JACK server (two servers in one process crashed libjack here).
+    result = subprocess.run([sys.executable, "-c", PRIVATE_SERVER_SCRIPT, str(tmp_path)], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
     assert "jackdmp" in (tmp_path / "jackd.log").read_text()  # a log the caller named is kept
 
 
