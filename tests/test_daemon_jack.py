@@ -81,8 +81,6 @@ class DaemonSession:
         self.player = OutputScheduler(self.sender.send, name="test-player").start()
 
     def close(self) -> None:
-        # The recorder first: its Python callback runs on a JACK thread, and closing any JACK
-        # client of this process while it may run can wait on the interpreter lock for seconds.
         self.recorder.close()
         self.player.close()
         self.sender.close()
