@@ -92,14 +92,13 @@ def test_jack_watch_close_is_bounded_when_the_child_does_not_answer(jack_server:
     assert elapsed < 5.0, elapsed
 
 
-def test_jack_watch_reports_a_server_that_goes_away(tmp_path):
+def test_jack_watch_reports_a_server_that_goes_away(monkeypatch):
     """A server of its own, stopped under the watch: `gone` turns true, the child has exited."""
     name = f"rwkv-watch-{os.getpid()}"
     env = {**os.environ, "JACK_NO_AUDIO_RESERVATION": "1"}
     server = subprocess.Popen(["jackd", "--no-realtime", "-n", name, "-d", "dummy", "-r", "48000", "-p", "256"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    previous = os.environ.get("JACK_DEFAULT_SERVER")
-    os.environ["JACK_DEFAULT_SERVER"] = name
+    monkeypatch.setenv("JACK_DEFAULT_SERVER", name)
     try:
         watch = JackServerWatch("watch-under-test")
         deadline = time.monotonic() + 20
@@ -116,10 +115,6 @@ def test_jack_watch_reports_a_server_that_goes_away(tmp_path):
         watch.close()
         assert not watch.open()  # no server: nothing to watch
     finally:
-        if previous is None:
-            os.environ.pop("JACK_DEFAULT_SERVER", None)
-        else:
-            os.environ["JACK_DEFAULT_SERVER"] = previous
         server.kill()
         server.wait()
 

@@ -1,7 +1,9 @@
 """`rwkv-music bench daemon`: the daemon's timing through real JACK ports.
 
 The daemon runs in autopilot (it answers bar after bar on its own, feeding what it plays back
-into its state), with its output port wired to a recording JACK client in another process, so
+into its state), or with --phrase in call-and-response: a player in another process plays the
+first bars of a MIDI file into its input again and again, and the daemon answers each one at
+the next bar line. Its output port is wired to a recording JACK client in another process, so
 the recorder's own interpreter lock waits do not count. Reported:
 
 - the timing error of every output message the daemon scheduled (note-ons, note-offs, pedal)
@@ -35,6 +37,7 @@ EPILOG = """examples:
   rwkv-music bench daemon                           # checkpoints/default.safetensors, 8 bars
   rwkv-music bench daemon --random L6-D256 --bars 16   # a random model of the default's size
   rwkv-music bench daemon --checkpoint runs/mine/latest.safetensors --json
+  rwkv-music bench daemon --phrase examples/satie-gymnopedie-1.mid --bars 64   # answers to a piano phrase
 """
 
 
@@ -48,9 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--checkpoint", type=Path, help="model to play (default: checkpoints/default.safetensors)")
     p.add_argument("--random", metavar="LAYERS-DIM", help="a random model of this size instead, e.g. L6-D256")
-    p.add_argument("--bars", type=int, default=8, help="bars of autopilot to measure (default 8)")
+    p.add_argument("--bars", type=int, default=8, help="bars to measure (default 8)")
     p.add_argument("--tempo", type=float, default=120.0, help="BPM (default 120)")
     p.add_argument("--length", type=int, default=2, help="bars per answer (default 2)")
+    p.add_argument("--phrase", type=Path, metavar="MIDI",
+                   help="call-and-response: play this file's first --phrase-bars bars, answer, repeat")
+    p.add_argument("--phrase-bars", type=int, default=2, help="bars of the phrase to play (default 2)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(run=run)
 
@@ -64,6 +70,7 @@ class DaemonBenchResult:
     model: str
     tempo: float
     bars: int
+    mode: str  # "autopilot", or the phrase answered
     messages: int  # output messages measured
     error_p50_ms: float
     error_p99_ms: float
@@ -88,10 +95,19 @@ def run(args: argparse.Namespace) -> int:
 
     if args.bars < 2 or not 20.0 <= args.tempo <= 300.0 or not 1 <= args.length <= 16:
         raise UserError("--bars must be >= 2, --tempo 20..300, --length 1..16")
+    phrase = None
+    if args.phrase is not None:
+        from tools.demo import read_phrase
+
+        if not 1 <= args.phrase_bars <= 16:
+            raise UserError("--phrase-bars must be 1..16")
+        phrase = read_phrase(args.phrase, args.phrase_bars)
+        if args.bars < phrase.bars + args.length + 2:
+            raise UserError(f"--bars must hold at least one phrase and its answer ({phrase.bars + args.length + 2})")
     with tempfile.TemporaryDirectory(prefix="rwkv-bench-daemon-") as tmp:
         checkpoint = _checkpoint(args, Path(tmp))
         with ensure_jack_server(log_path=Path(tmp) / "jackd.log"):
-            result = measure(checkpoint, bars=args.bars, tempo=args.tempo, length=args.length)
+            result = measure(checkpoint, bars=args.bars, tempo=args.tempo, length=args.length, phrase=phrase)
     if args.json:
         print(json.dumps(asdict(result), indent=2))
     else:
@@ -133,17 +149,20 @@ def random_checkpoint(size: str, path: Path) -> Path:
     return path
 
 
-def measure(checkpoint: Path, *, bars: int, tempo: float, length: int) -> DaemonBenchResult:
-    """Run the daemon in autopilot for `bars` bars and measure (needs a running JACK server)."""
+def measure(checkpoint: Path, *, bars: int, tempo: float, length: int, phrase=None) -> DaemonBenchResult:
+    """Run the daemon for `bars` bars and measure (needs a running JACK server): in autopilot, or
+    answering `phrase` (a tools.demo.Phrase) played again and again when one is given."""
     from daemon.app import BackgroundDaemon
     from daemon.config import load_daemon_settings
     from tools.bench import machine_description
+    from tools.soak import SoakPeer
 
     tag = f"{os.getpid()}-{time.monotonic_ns() % 1_000_000}"
     in_port, out_port = f"bench-in-{tag}", f"bench-out-{tag}"
+    mode = ["daemon.mode=call_response", f'clock.meter="{phrase.meter}"'] if phrase else ["daemon.mode=autopilot"]
     settings = load_daemon_settings(None, [
         "midi.api=jack", f'midi.in_port="{in_port}"', f'midi.out_port="{out_port}"', "osc.port=0",
-        f"clock.tempo={tempo}", "daemon.mode=autopilot", f"daemon.length_bars={length}",
+        f"clock.tempo={tempo}", *mode, f"daemon.length_bars={length}",
         "daemon.watch=false", "daemon.seed=1",
     ], checkpoint=checkpoint)
     program = "from daemon.scheduler import record_arrivals_main; record_arrivals_main()"
@@ -162,7 +181,13 @@ def measure(checkpoint: Path, *, bars: int, tempo: float, length: int) -> Daemon
             assert clock is not None
             start_bar = clock.bar_index(clock.now_beat()) + 1
             end_beat = clock.bar_start_beat(start_bar + bars)
+            player = None
+            if phrase is not None:
+                player = SoakPeer(f"bench-player-{tag}", f"{in_port}:{in_port}", f"{out_port}:{out_port}")
+                player.play(phrase_messages(clock, phrase, start_bar + 1, start_bar + bars, length))
             time.sleep(max(0.0, clock.time_at(end_beat) - time.perf_counter()) + 0.3)
+            if player is not None:
+                player.close()
             receiver.stdin.write("stop\n")
             receiver.stdin.flush()
             arrivals = json.loads(receiver.stdout.readline())
@@ -188,6 +213,7 @@ def measure(checkpoint: Path, *, bars: int, tempo: float, length: int) -> Daemon
         model=model,
         tempo=tempo,
         bars=bars,
+        mode="autopilot" if phrase is None else f"answering {phrase.path.name} ({phrase.bars} bars, {phrase.meter})",
         messages=len(errors),
         error_p50_ms=_percentile(errors, 0.5),
         error_p99_ms=_percentile(errors, 0.99),
@@ -205,6 +231,20 @@ def measure(checkpoint: Path, *, bars: int, tempo: float, length: int) -> Daemon
         feed_bar_max_ms=max(feed_ms),
         tokens_per_bar=tokens_per_bar,
     )
+
+
+def phrase_messages(clock, phrase, first_bar: int, end_bar: int, length: int) -> list[tuple[float, list[int]]]:
+    """The phrase played from bar `first_bar` on, again every phrase + answer + 2 bars (room for
+    the silence that starts the answer and for a bar of rest), all before `end_bar`:
+    (perf_counter time, bytes) for the player."""
+    cycle = phrase.bars + length + 2
+    messages: list[tuple[float, list[int]]] = []
+    for bar in range(first_bar, end_bar - cycle + 1, cycle):
+        start = clock.bar_start_beat(bar)
+        for note in phrase.notes:
+            messages.append((clock.time_at(start + note.start_beats), [0x90, note.pitch, note.velocity]))
+            messages.append((clock.time_at(start + note.end_beats), [0x80, note.pitch, 0]))
+    return messages
 
 
 def first_note_lateness(arrivals: list[list], records) -> list[float]:
@@ -277,7 +317,7 @@ def _print(r: DaemonBenchResult) -> None:
         return "n/a" if value is None else f"{value:.1f} ms"
 
     print(f"machine: {r.machine}")
-    print(f"model:   {r.model}, {r.tempo:g} BPM, {r.bars} bars of autopilot")
+    print(f"model:   {r.model}, {r.tempo:g} BPM, {r.bars} bars, {r.mode}")
     print(f"output timing ({r.messages} messages vs their grid times, through JACK): "
           f"p50 {r.error_p50_ms:.2f} ms, p99 {r.error_p99_ms:.2f} ms, max {r.error_max_ms:.2f} ms")
     print(f"  of which the scheduler (due time -> handed to rtmidi): p50 {r.handover_p50_ms:.2f} ms, "
