@@ -42,7 +42,7 @@ EXIT_NO_LIBJACK = 5  # libjack cannot be loaded
 _READY_LINE = b"watching\n"
 _NO_START_SERVER = 0x01  # JackNoStartServer: never start a server as a side effect
 _START_TIMEOUT_S = 10.0  # for the child to open its client (a loaded machine is slow)
-_STOP_TIMEOUT_S = 2.0  # for the child to close its client before it is killed
+_STOP_TIMEOUT_S = 2.0  # for the child to exit when asked, before it is killed
 
 
 class JackServerWatch:
@@ -136,7 +136,6 @@ def _watch(name: str) -> int:
     lib.jack_client_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
     shutdown_callback = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
     lib.jack_on_shutdown.argtypes = [ctypes.c_void_p, shutdown_callback, ctypes.c_void_p]
-    lib.jack_client_close.argtypes = [ctypes.c_void_p]
 
     status = ctypes.c_int(0)
     client = lib.jack_client_open(name.encode("utf-8", "replace")[:60], _NO_START_SERVER, ctypes.byref(status))
@@ -146,8 +145,7 @@ def _watch(name: str) -> int:
     on_shutdown = shutdown_callback(lambda _arg: os._exit(EXIT_SERVER_GONE))
     lib.jack_on_shutdown(client, on_shutdown, None)
     os.write(sys.stdout.fileno(), _READY_LINE)
-    while os.read(sys.stdin.fileno(), 4096):  # until the daemon closes our stdin or dies
-        pass
+    sys.stdin.buffer.read()  # returns at end of file: the daemon closed our stdin, or died
     # No jack_client_close: closing this never-activated client hung now and then inside
     # libjack. The server drops a client whose connection closes, as it does for a crashed one.
     os._exit(EXIT_STOPPED)

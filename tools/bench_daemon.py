@@ -238,13 +238,9 @@ def phrase_messages(clock, phrase, first_bar: int, end_bar: int, length: int) ->
     the silence that starts the answer and for a bar of rest), all before `end_bar`:
     (perf_counter time, bytes) for the player."""
     cycle = phrase.bars + length + 2
-    messages: list[tuple[float, list[int]]] = []
-    for bar in range(first_bar, end_bar - cycle + 1, cycle):
-        start = clock.bar_start_beat(bar)
-        for note in phrase.notes:
-            messages.append((clock.time_at(start + note.start_beats), [0x90, note.pitch, note.velocity]))
-            messages.append((clock.time_at(start + note.end_beats), [0x80, note.pitch, 0]))
-    return messages
+    return [(due, list(message))
+            for bar in range(first_bar, end_bar - cycle + 1, cycle)
+            for due, message in phrase.timed_messages(clock, clock.bar_start_beat(bar))]
 
 
 def first_note_lateness(arrivals: list[list], records) -> list[float]:

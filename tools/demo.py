@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
     from daemon.app import AnswerRecord, BackgroundDaemon, Daemon
     from daemon.clock import Clock
+    from daemon.midi_events import MidiBytes
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,17 @@ class Phrase:
     @property
     def meter(self) -> str:
         return f"{self.numerator}/{self.denominator}"
+
+    def timed_messages(self, clock: Clock, start_beat: float) -> list[tuple[float, MidiBytes]]:
+        """The phrase played from `start_beat` of `clock` on channel 1: (perf_counter time,
+        Note On or Note Off bytes) for every note."""
+        from daemon.midi_events import note_off, note_on
+
+        messages = []
+        for n in self.notes:
+            messages.append((clock.time_at(start_beat + n.start_beats), note_on(0, n.pitch, n.velocity)))
+            messages.append((clock.time_at(start_beat + n.end_beats), note_off(0, n.pitch)))
+        return messages
 
 
 @dataclass(frozen=True)
@@ -231,7 +243,6 @@ def _perform_on_jack(
 
     from daemon.app import BackgroundDaemon
     from daemon.config import load_daemon_settings
-    from daemon.midi_events import note_off, note_on
     from daemon.scheduler import OutputScheduler
     from tools.cli import UserError
 
@@ -261,11 +272,7 @@ def _perform_on_jack(
         scheduler = stack.enter_context(OutputScheduler(player.send_message, name="demo-player"))
 
         start = clock.bar_start_beat(clock.bar_index(clock.beat_at(time.perf_counter() + START_MARGIN_S)) + 1)
-        messages = []
-        for n in phrase.notes:
-            messages.append((clock.time_at(start + n.start_beats), note_on(0, n.pitch, n.velocity)))
-            messages.append((clock.time_at(start + n.end_beats), note_off(0, n.pitch)))
-        scheduler.schedule_many(messages)
+        scheduler.schedule_many(phrase.timed_messages(clock, start))
         phrase_end = start + phrase.bars * phrase.beats_per_bar
         log.info("playing %d notes of %s from beat %.1f", len(phrase.notes), phrase.path, start)
 

@@ -170,7 +170,7 @@ class Trainer:
 
         init_weights, self.init_model_id = None, None
         if cfg.init and not resume:
-            model_cfg, init_weights = self._init_weights(cfg.init)
+            model_cfg, init_weights, self.init_model_id = self._init_weights(cfg.init)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = RWKV7(model_cfg).to(self.device)
         if init_weights is not None:
@@ -200,9 +200,9 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- set-up
 
-    def _init_weights(self, path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-        """The architecture and weights of checkpoint `path`, refused (TrainError, one line)
-        when its tokenizer is not the one the data was prepared with."""
+    def _init_weights(self, path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
+        """The architecture, weights and model id of checkpoint `path`, refused (TrainError, one
+        line) when its tokenizer is not the one the data was prepared with."""
         from model.checkpoint import load
         from model.errors import CheckpointError
 
@@ -217,8 +217,7 @@ class Trainer:
                 f"data with the checkpoint's tokenizer")
         if self.dist.is_main:
             log.info("starting from %s (model %s, step %d of its own run)", path, meta.model_id, meta.step)
-        self.init_model_id = meta.model_id
-        return model.cfg, model.state_dict()
+        return model.cfg, model.state_dict(), meta.model_id
 
     def _pick_device(self) -> torch.device:
         want = self.cfg.device
