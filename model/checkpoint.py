@@ -241,6 +241,7 @@ def config_from_shapes(tensors: dict[str, torch.Tensor], base: ModelConfig | Non
             d_decay=tensors["blocks.0.att.w1"].shape[-1], d_aaa=tensors["blocks.0.att.a1"].shape[-1],
             d_mv=tensors["blocks.0.att.v1"].shape[-1], d_gate=tensors["blocks.0.att.g1"].shape[-1],
             ffn_mult=tensors["blocks.0.ffn.key.weight"].shape[0] // C,
+            learned_state="state0.wkv" in tensors,
         )
     except (KeyError, ValueError, IndexError) as err:
         raise CheckpointError("<tensors>", f"not an RWKV-7 tensor set (missing {err})") from err

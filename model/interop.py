@@ -28,6 +28,8 @@ def to_blinkdl(model: RWKV7) -> dict[str, torch.Tensor]:
     """Our state dict in BlinkDL's x070 layout (float32, contiguous)."""
     out = {}
     for name, t in model.state_dict().items():
+        if name.startswith("state0."):  # a learned initial state has no place in that layout
+            continue
         t = t.detach().float().cpu().contiguous()
         out[name] = t.view(1, 1, -1) if _is_channel_vector(name) else t
     return out

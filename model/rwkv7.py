@@ -50,6 +50,9 @@ class ModelConfig:
     d_mv: int = 0  # max(32, round(1.3 sqrt(C) / 32) * 32)
     d_gate: int = 0  # max(32, round(0.6 C^0.8 / 32) * 32)
     ffn_mult: int = 4  # channel-mix hidden size = ffn_mult * C
+    # A learned initial State (`rwkv-music tune --method state`): the conversation starts from
+    # it instead of zeros. Stored as the tensors state0.shift and state0.wkv.
+    learned_state: bool = False
 
     def __post_init__(self) -> None:
         from model.settings import ConfigError
@@ -317,6 +320,26 @@ class Block(nn.Module):
         return x, v_first if self.layer_id == 0 else None, h[:, -1].clone(), h2[:, -1].clone(), wkv_state
 
 
+class LearnedState(nn.Module):
+    """A trainable initial State shared by every stream (state tuning).
+
+    shift [n_layer, 2, C] and wkv [n_layer, H, N, N]: one stream's State. A model with one
+    starts every conversation from it instead of zeros; zeros (the initial value) leave the
+    model's predictions exactly as without it.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.shift = nn.Parameter(torch.zeros(cfg.n_layer, 2, cfg.n_embd))
+        self.wkv = nn.Parameter(torch.zeros(cfg.n_layer, cfg.n_head, cfg.head_size, cfg.head_size))
+
+    def expand(self, batch_size: int) -> State:
+        """The learned State repeated for batch_size streams (differentiable views, no copy)."""
+        L, two, C = self.shift.shape
+        return State(self.shift[:, :, None].expand(L, two, batch_size, C),
+                     self.wkv[:, None].expand(L, batch_size, *self.wkv.shape[1:]))
+
+
 class RWKV7(nn.Module):
     """The RWKV-7 language model over REMI token ids."""
 
@@ -328,6 +351,8 @@ class RWKV7(nn.Module):
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.grad_checkpointing = False  # trade compute for activation memory in training
+        if cfg.learned_state:
+            self.state0 = LearnedState(cfg)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -348,9 +373,13 @@ class RWKV7(nn.Module):
     # ----------------------------------------------------------------------------- state
 
     def init_state(self, batch_size: int = 1, device: torch.device | str | None = None) -> State:
-        """A zero State for `batch_size` streams (float32)."""
+        """The State a conversation starts from, for `batch_size` streams (float32, a copy):
+        zeros, or the learned initial state of a state-tuned model."""
         cfg = self.cfg
         device = device or self.emb.weight.device
+        if cfg.learned_state:
+            with torch.no_grad():
+                return self.state0.expand(batch_size).clone().to(device)
         return State(
             shift=torch.zeros(cfg.n_layer, 2, batch_size, cfg.n_embd, device=device),
             wkv=torch.zeros(cfg.n_layer, batch_size, cfg.n_head, cfg.head_size, cfg.head_size,
@@ -364,14 +393,18 @@ class RWKV7(nn.Module):
 
         idx [B, T] -> (x [B, T, C], new State or None). With `state` given, the run continues
         from it and a new State is returned (differentiable; the trainer detaches it between
-        windows); the input State is not modified.
+        windows); the input State is not modified. Without it the run starts from the model's
+        initial state (zeros, or the learned one) and no State is returned.
         """
         x = self.emb(idx)  # [B, T, C]
         v_first = None
         shifts, wkvs = [], []
+        start = state
+        if start is None and self.cfg.learned_state:  # differentiable: tuning trains it
+            start = self.state0.expand(idx.shape[0])
         for i, block in enumerate(self.blocks):
-            args = (x, v_first) + ((state.shift[i, 0], state.shift[i, 1], state.wkv[i])
-                                   if state is not None else (None, None, None))
+            args = (x, v_first) + ((start.shift[i, 0], start.shift[i, 1], start.wkv[i])
+                                   if start is not None else (None, None, None))
             if self.grad_checkpointing and self.training:
                 # Recompute the block in the backward pass instead of keeping its activations.
                 x, layer_v, att_last, ffn_last, wkv = checkpoint(block, *args, use_reentrant=False)
@@ -388,7 +421,7 @@ class RWKV7(nn.Module):
         return x, State(torch.stack(shifts), torch.stack(wkvs))
 
     def forward(self, idx: Tensor) -> Tensor:
-        """idx [B, T] -> logits [B, T, V], from a zero state (training)."""
+        """idx [B, T] -> logits [B, T, V], from the model's initial state (training)."""
         x, _ = self.features(idx)
         return self.head(x)
 

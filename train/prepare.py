@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -462,8 +462,12 @@ def prepare(
     test_fraction: float = 0.05,
     progress: bool = True,
     exclude: Sequence[str] = (),
+    assign_split: Callable[[str], str] | None = None,
 ) -> PrepareSummary:
     """Tokenize every file under `midi_dir` into shards under `out_dir`; returns the summary.
+
+    `assign_split(rel)` names the split of a file (its relative path) instead of the hash rule of
+    `split_of` with the two fractions (`rwkv-music tune` holds out chosen pieces this way).
 
     Files unchanged since the last run (same relative path, size, mtime and tokenizer) are
     read from OUT_DIR/cache instead of being tokenized again; the shards are always rebuilt.
@@ -513,7 +517,8 @@ def prepare(
     folders: dict[str, dict[str, int]] = {}
     for source in sources:
         result = results[source.rel]
-        split = split_of(source.rel, val_fraction, test_fraction)
+        split = (assign_split(source.rel) if assign_split is not None
+                 else split_of(source.rel, val_fraction, test_fraction))
         by_split[split].extend(result.pieces)
         skipped.extend({"path": name, "reason": reason} for name, reason in result.skipped)
         folder = folders.setdefault(source.rel.split("/", 1)[0] if "/" in source.rel else ".", {})
