@@ -45,7 +45,7 @@ from daemon import encoder as enc
 from daemon import midi_events
 from daemon.clock import Clock, ClockEvent, LinkClock, TempoChanged, TransportChanged, make_clock
 from daemon.config import DaemonSettings
-from daemon.controls import Command, Controls, Panic, Reload, Reset, SetParam, Status, Trigger
+from daemon.controls import Command, Controls, Panic, Reload, Reset, SetParam, Status, Style, Trigger
 from daemon.engine_process import EngineProcess
 from daemon.errors import ClockError, DaemonError, MidiError, SchedulerStoppedError
 from daemon.exit_watchdog import exit_watchdog
@@ -62,6 +62,7 @@ from daemon.reload import (
     resolve_reload_path,
 )
 from daemon.scheduler import OutputScheduler, short_switch_interval
+from daemon.styles import StyleLibrary
 from model.checkpoint import CheckpointMeta
 from model.remi_grammar import DecodedNote, DecodedPedal
 from model.sampling import SamplingSettings
@@ -164,6 +165,7 @@ class Daemon:
         self.controls: Controls = settings.initial_controls()
         self.stats = DaemonStats()
         self.checkpoint_path = Path(settings.daemon.checkpoint)
+        self.styles = StyleLibrary(settings.daemon.styles_dir, settings.daemon.checkpoint)
         self.last_reload_error: str | None = None
         self._channel = settings.daemon.output_channel - 1
         self._late_s = settings.daemon.late_ms / 1000.0
@@ -321,7 +323,8 @@ class Daemon:
         return self.osc.address
 
     async def execute(self, command: Command) -> dict[str, Any] | None:
-        """Carry out one control command (from OSC or MQTT): a dict for Status, else None.
+        """Carry out one control command (from OSC or MQTT): a dict for Status and for Style
+        without a name (the styles), else None.
 
         Raises DaemonError (the reason goes back to the sender) when it cannot be done.
         """
@@ -339,6 +342,10 @@ class Daemon:
             self._panic()
         elif isinstance(command, Reload):
             await self._reload_command(command)
+        elif isinstance(command, Style):
+            if command.name is None:
+                return {"styles": self.styles.names(), "style": self.styles.name_of(self.checkpoint_path)}
+            await self._load_for_swap(self.styles.path_of(command.name), origin="request")
         self._status_changed()
         return None
 
@@ -359,6 +366,7 @@ class Daemon:
             values["model_step"] = self.playing_meta.step if self.playing_meta is not None else None
             values["device"] = str(self.engine.device)
         values["checkpoint"] = str(self.checkpoint_path)
+        values["style"] = self.styles.name_of(self.checkpoint_path)
         values["reload_pending"] = self._pending_swap is not None
         values["last_reload_error"] = self.last_reload_error
         if ports is not None:

@@ -46,6 +46,7 @@ class DaemonConfig:
     watch: bool = True  # reload the checkpoint when its file changes
     watch_interval_s: float = 0.5  # how often the checkpoint's mtime and size are polled, 0.05..60
     reload_dirs: list[str] = field(default_factory=list)  # folders besides the checkpoint's that reloads may read
+    styles_dir: str = "styles"  # tuned checkpoints (rwkv-music tune) that /rwkv/style <name> switches to
     history_tokens: int = 4096  # tokens of conversation kept to re-prime a reloaded model, 16..1000000
 
     def __post_init__(self) -> None:

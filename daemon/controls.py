@@ -140,11 +140,19 @@ class Reload:
 
 
 @dataclass(frozen=True)
+class Style:
+    """Swap to a tuned checkpoint in `[daemon] styles_dir` by name at the next bar line (`name`
+    "default": the configured checkpoint); None lists the styles (daemon.styles)."""
+
+    name: str | None = None
+
+
+@dataclass(frozen=True)
 class Status:
     """Ask for the current values; the handler answers with a dict."""
 
 
-Command = SetParam | Trigger | Reset | Panic | Reload | Status
+Command = SetParam | Trigger | Reset | Panic | Reload | Style | Status
 
 _ACTIONS: dict[str, type[Command]] = {
     "trigger": Trigger,
@@ -154,7 +162,7 @@ _ACTIONS: dict[str, type[Command]] = {
 }
 
 # Every address tail parse_command understands, in the order the docs list them.
-ADDRESSES: tuple[str, ...] = (*PARAMS, *_ACTIONS, "reload")
+ADDRESSES: tuple[str, ...] = (*PARAMS, *_ACTIONS, "reload", "style")
 
 
 def check_value(name: str, value: Any) -> float | int | str:
@@ -190,7 +198,8 @@ def parse_command(address_tail: str, args: tuple[Any, ...] | list[Any]) -> Comma
     """Turn an address tail (`"temperature"`, no prefix, no slash) and its arguments into a Command.
 
     Controls take exactly one argument; trigger, reset, panic and status take none; reload
-    takes none or one non-empty path string. Raises ControlError(reason) for anything else.
+    takes none or one non-empty path string; style none (list the styles) or one name.
+    Raises ControlError(reason) for anything else.
     """
     args = tuple(args)
     if address_tail in PARAMS:
@@ -207,6 +216,12 @@ def parse_command(address_tail: str, args: tuple[Any, ...] | list[Any]) -> Comma
         if len(args) > 1:
             raise ControlError(f"reload takes 0 or 1 argument (got {len(args)})")
         return Reload(check_path(args[0], "reload path"))
+    if address_tail == "style":
+        from daemon.styles import check_style_name
+
+        if len(args) > 1:
+            raise ControlError(f"style takes 0 or 1 argument (got {len(args)})")
+        return Style(check_style_name(args[0]) if args else None)
     raise ControlError(f"unknown address {_short(address_tail)}")
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import aiomqtt
 
-from daemon.controls import Command, ControlError, Reload, Status, parse_announcement, parse_text_command
+from daemon.controls import Command, ControlError, Reload, Status, Style, parse_announcement, parse_text_command
 from daemon.errors import DaemonError
 from model.settings import ConfigError, check_range
 
@@ -363,7 +363,9 @@ class MqttBridge:
             if isinstance(command, Status):
                 self.status_changed()
                 return
-            await self._execute(command)
+            result = await self._execute(command)
+            if isinstance(command, Style) and command.name is None:
+                self.publish_event("styles", **(result or {}))
         except ControlError as err:
             self._reject(topic, err.reason)
             return

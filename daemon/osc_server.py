@@ -23,7 +23,7 @@ from pythonosc.osc_message_builder import OscMessageBuilder
 from pythonosc.osc_packet import OscPacket
 from pythonosc.parsing import osc_types
 
-from daemon.controls import Command, ControlError, NoReplyError, Status, parse_command
+from daemon.controls import Command, ControlError, NoReplyError, Status, Style, parse_command
 from daemon.errors import DaemonError
 from model.settings import ConfigError, check_range
 
@@ -229,6 +229,8 @@ class OscServer:
             return
         if isinstance(command, Status):
             self._send(f"{self.prefix}/status", status_arguments(result or {}), sender)
+        elif isinstance(command, Style) and command.name is None:
+            self._send(f"{self.prefix}/styles", list((result or {}).get("styles", [])), sender)
         else:
             self._send(f"{self.prefix}/ack", [address], sender)
         self.stats.acked += 1

@@ -16,7 +16,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from daemon.controls import Command, Controls, Reload, SetParam, Status
+from daemon.controls import Command, Controls, Reload, SetParam, Status, Style
 from daemon.errors import DaemonError
 from daemon.mqtt_bridge import Backoff, MqttBridge, MqttConfig
 from model.settings import ConfigError, load_section
@@ -43,6 +43,8 @@ class FakeDaemon:
             self.controls = self.controls.apply(command)
         elif isinstance(command, Reload) and command.path == "missing.safetensors":
             raise DaemonError("missing.safetensors: no such checkpoint")
+        elif isinstance(command, Style) and command.name is None:
+            return {"styles": ["default", "mine"], "style": "default"}
         return None
 
     async def next_command(self) -> Command:
@@ -222,6 +224,24 @@ def test_mqtt_bridge_daemon_events_and_status_request(mosquitto):
                 await observer.publish("rwkv-music/test/set/status", b"")
                 assert (await observer.status_with(status, top_p=0.5))["state"] == "online"
             assert daemon.commands == []
+
+    run(scenario())
+
+
+def test_mqtt_bridge_set_style_swaps_and_an_empty_payload_lists_the_styles(mosquitto):
+    async def scenario():
+        daemon = FakeDaemon()
+        async with MqttBridge(config_for(mosquitto), daemon.execute, backoff=FAST) as bridge:
+            assert await bridge.wait_connected(WAIT)
+            async with Observer(mosquitto, "rwkv-music/test/events") as observer:
+                await observer.publish("rwkv-music/test/set/style", b"mine")
+                assert await daemon.next_command() == Style("mine")
+                await observer.publish("rwkv-music/test/set/style", b"")
+                event = json.loads(await observer.next("rwkv-music/test/events"))
+                assert (event["event"], event["styles"], event["style"]) == ("styles", ["default", "mine"], "default")
+                await observer.publish("rwkv-music/test/set/style", b"../secret")
+                event = json.loads(await observer.next("rwkv-music/test/events"))
+                assert event["event"] == "error" and "without folders" in event["reason"]
 
     run(scenario())
 

@@ -24,7 +24,7 @@ from daemon.osc_server import build_message
 from tests.test_daemon_jack import save_random_checkpoint
 from tests.test_reliability_midi import DaemonProcess
 
-REPLIES = {"/rwkv/ack", "/rwkv/error", "/rwkv/status"}
+REPLIES = {"/rwkv/ack", "/rwkv/error", "/rwkv/status", "/rwkv/styles"}
 
 
 @pytest.fixture(scope="module")
