@@ -65,6 +65,19 @@ def test_choose_val_pieces_holds_out_one_in_five_by_name():
     assert len(choose_val_pieces(names, 3)) == 3 and len(choose_val_pieces(names[:2], 5)) == 1
 
 
+def test_replay_is_the_base_models_own_music_and_costs_nothing_before_tuning(base_checkpoint):
+    from train.tune import generate_replay, replay_kl, tunable_model
+
+    base, meta = load(base_checkpoint)
+    bos = meta.tokenizer().vocab["BOS_None"]
+    ids, teacher = generate_replay(base, bos, windows=3, length=20, seed=1)
+    assert ids.shape == (3, 21) and bool((ids[:, 0] == bos).all()) and teacher.shape == (3, 20, base.cfg.vocab_size)
+    assert torch.equal(ids, generate_replay(base, bos, windows=3, length=20, seed=1)[0])  # seeded
+    for method in ("lora", "state"):
+        model, _ = tunable_model(base, method, lora_rank=4, seed=0)
+        assert float(replay_kl(model, ids, teacher).detach()) < 1e-5  # the tuned model starts as the base
+
+
 def test_tune_state_writes_one_checkpoint_whose_init_state_is_learned(state_style, base_checkpoint):
     out, report = state_style
     model, meta = load(out)
@@ -170,3 +183,21 @@ def test_daemon_switches_style_at_a_bar_line_and_refuses_a_corrupt_one(jack_serv
     ons, problems = note_pairs(session.recorder.timed_messages)
     assert problems == [] and status["failed"] == 0  # no stuck note, nothing failed
     assert len(ons) >= 6
+
+
+def test_score_compares_checkpoints_on_a_midi_folder_by_position(state_style, base_checkpoint, style_folder,
+                                                                 capsys):
+    import json
+
+    from tools.cli import main
+
+    out, report = state_style
+    assert main(["score", str(style_folder), str(base_checkpoint), str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["pieces"] == 10 and result["skipped"] == 1  # broken.mid is counted, not fatal
+    base, tuned = result["scores"]
+    assert base["model_id"] == report.base_model_id and tuned["model_id"] != base["model_id"]
+    assert set(base["bands"]) == {"0-512", "512-2048", "2048+"}
+    assert base["bands"]["0-512"] > 0 and tuned["nll_per_note"] > 0
+    assert main(["score", str(style_folder), str(base_checkpoint), "--pieces", "2"]) == 0
+    assert "2 pieces" in capsys.readouterr().out

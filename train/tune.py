@@ -73,6 +73,10 @@ class TuneConfig:
     transpose: int = 5  # random transposition within +-N semitones (kept inside the piano)
     tempo_jitter: int = 1  # random tempo shift within +-N tempo bins
     eval_every_s: float = 30.0
+    # Anti-forgetting: the weight of a KL term that keeps the tuned model's predictions equal to
+    # the base's on music the base generates itself (no base data needed); 0 turns it off.
+    replay: float = 1.0
+    replay_windows: int = 16  # generated windows of ctx_len tokens, made once before training
     seed: int = 0
     threads: int = 0  # torch threads; 0: every core
 
@@ -85,7 +89,8 @@ class TuneConfig:
                   ("ctx-len", self.ctx_len >= 16, ">= 16"), ("batch-size", self.batch_size >= 1, ">= 1"),
                   ("val-pieces", self.val_pieces >= -1, ">= 0 (or -1 for automatic)"),
                   ("lora-rank", self.lora_rank >= 1, ">= 1"), ("transpose", self.transpose >= 0, ">= 0"),
-                  ("tempo-jitter", self.tempo_jitter >= 0, ">= 0"), ("threads", self.threads >= 0, ">= 0")]
+                  ("tempo-jitter", self.tempo_jitter >= 0, ">= 0"), ("threads", self.threads >= 0, ">= 0"),
+                  ("replay", self.replay >= 0, ">= 0"), ("replay-windows", self.replay_windows >= 1, ">= 1")]
         for name, ok, allowed in checks:
             if not ok:
                 raise TrainError(f"--{name} {getattr(self, name.replace('-', '_'))}: must be {allowed}")
@@ -151,6 +156,39 @@ def tunable_model(base, method: str, lora_rank: int, seed: int):
 def lora_linears(model) -> list:
     """The nn.Linear modules `lora` updates: LORA_TARGETS in every block."""
     return [block.get_submodule(target) for block in model.blocks for target in LORA_TARGETS]
+
+
+# --------------------------------------------------------------------------------- replay
+
+
+def generate_replay(base, bos_id: int, windows: int, length: int, seed: int):
+    """Music the base model makes up, and its own predictions on it, to tune against forgetting.
+
+    Returns (ids int64 [windows, length + 1] starting with BOS, teacher log-probabilities
+    float32 [windows, length, V] of the base at each position). Sampled at temperature 1 with
+    the recurrent step, all windows as one batch.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.full((windows, length + 1), bos_id, dtype=torch.long)
+    with torch.no_grad():
+        state = base.init_state(windows)
+        for t in range(length):
+            logits, _ = base.step(ids[:, t], state)
+            ids[:, t + 1] = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=generator)[:, 0]
+        h, _ = base.features(ids[:, :-1])
+        teacher = torch.log_softmax(base.head(h).float(), -1)
+    return ids, teacher
+
+
+def replay_kl(model, ids, teacher):
+    """Mean KL(base || tuned) per token over replay windows ids [B, T + 1], teacher [B, T, V]."""
+    import torch.nn.functional as F
+
+    h, _ = model.features(ids[:, :-1])
+    student = F.log_softmax(model.head(h).float(), -1)
+    return F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
 
 
 # --------------------------------------------------------------------------------- data
@@ -231,6 +269,10 @@ def tune(midi_dir: Path | str, out: Path | str, base: Path | str, cfg: TuneConfi
         report = TuneReport(cfg.method, base.name, base_meta.model_id, train_shards.piece_names,
                             val_shards.piece_names, summary.skipped, cfg.learning_rate,
                             settings=asdict(cfg))
+        replay_ids = replay_teacher = None
+        if cfg.replay > 0:
+            replay_ids, replay_teacher = generate_replay(base_model, table.bos_id, cfg.replay_windows,
+                                                         cfg.ctx_len, cfg.seed)
         model, params = tunable_model(base_model, cfg.method, cfg.lora_rank, cfg.seed)
         model.train()
         sampler = WindowSampler(train_shards, table, cfg.batch_size, cfg.ctx_len, carry_state=False,
@@ -258,6 +300,9 @@ def tune(midi_dir: Path | str, out: Path | str, base: Path | str, cfg: TuneConfi
                 h, _ = model.features(batch.idx)
                 mask = batch.targets != IGNORE
                 loss = F.cross_entropy(model.head(h[mask]).float(), batch.targets[mask])
+                if replay_ids is not None:
+                    pick = torch.randint(len(replay_ids), (cfg.batch_size,))
+                    loss = loss + cfg.replay * replay_kl(model, replay_ids[pick], replay_teacher[pick])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -323,6 +368,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-pieces", type=int, default=defaults.val_pieces,
                    help="pieces held out for validation (default: one in five once there are five)")
     p.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help=f"default {defaults.lora_rank}")
+    p.add_argument("--replay", type=float, default=defaults.replay,
+                   help="weight of keeping the base's predictions on music it generates itself, against "
+                        f"forgetting other styles; 0 = off (default {defaults.replay:g})")
     p.add_argument("--seed", type=int, default=defaults.seed, help=f"default {defaults.seed}")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: every core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -332,7 +380,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_tune(args: argparse.Namespace) -> int:
     cfg = TuneConfig(method=args.method, minutes=args.minutes, lr=args.lr, ctx_len=args.ctx_len,
                      batch_size=args.batch_size, val_pieces=args.val_pieces, lora_rank=args.lora_rank,
-                     seed=args.seed, threads=args.threads)
+                     replay=args.replay, seed=args.seed, threads=args.threads)
     started = time.perf_counter()
     try:
         report = tune(args.midi_dir, args.out, args.base, cfg, progress=not args.no_progress)
