@@ -152,8 +152,8 @@ def random_checkpoint(size: str, path: Path) -> Path:
 def measure(checkpoint: Path, *, bars: int, tempo: float, length: int, phrase=None) -> DaemonBenchResult:
     """Run the daemon for `bars` bars and measure (needs a running JACK server): in autopilot, or
     answering `phrase` (a tools.demo.Phrase) played again and again when one is given."""
-    from daemon.app import BackgroundDaemon
     from daemon.config import load_daemon_settings
+    from daemon.runner import BackgroundDaemon
     from tools.bench import machine_description
     from tools.soak import SoakPeer
 
@@ -163,7 +163,7 @@ def measure(checkpoint: Path, *, bars: int, tempo: float, length: int, phrase=No
     settings = load_daemon_settings(None, [
         "midi.api=jack", f'midi.in_port="{in_port}"', f'midi.out_port="{out_port}"', "osc.port=0",
         f"clock.tempo={tempo}", *mode, f"daemon.length_bars={length}",
-        "daemon.watch=false", "daemon.seed=1",
+        "daemon.watch=false", "daemon.seed=1", 'cc.learn_file=""',
     ], checkpoint=checkpoint)
     program = "from daemon.scheduler import record_arrivals_main; record_arrivals_main()"
     with BackgroundDaemon(settings) as background:
