@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "train.cli",
     "daemon.cli",
     "tools.osc_cli",
+    "tools.watch",
     "tools.ports_cli",
     "tools.complete",
     "tools.evaluate",
@@ -34,6 +35,7 @@ EPILOG = """examples:
   rwkv-music train --data data/prepared --out runs/mine
   rwkv-music complete song.mid out.mid --bars 4 --variations 4 --png out.png
   rwkv-music demo                               # the daemon answering a piano phrase, end to end
+  rwkv-music watch                              # a live view of a running daemon
   rwkv-music bench step                         # our RWKV7.step against the rwkv package
   rwkv-music export checkpoints/default.safetensors out.pth
 """
