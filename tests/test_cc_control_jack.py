@@ -2,7 +2,8 @@
 MIDI learn and its file across a restart, output latency measured on the recorded notes, and
 `rwkv-music watch` in tmux reading a daemon that answers a played phrase. OSC over real UDP.
 
-One daemon (manual mode, thru on) serves the module; the restart starts a second one.
+One daemon (manual mode, thru on, MQTT to a mosquitto of the module's own) serves the module;
+the restart starts a second one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from daemon.midi_events import ALL_NOTES_OFF, control_change
+from tests.fixtures.mosquitto import MOSQUITTO, MosquittoBroker
 from tests.test_daemon_jack import DaemonSession, daemon_settings, note_pairs, save_random_checkpoint
 
 REPO = Path(__file__).parents[1]
@@ -49,10 +51,35 @@ def cc_overrides(learn_file: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def session(jack_server, checkpoint, learn_file) -> Iterator[DaemonSession]:
-    s = DaemonSession(jack_server, daemon_settings(checkpoint, *cc_overrides(learn_file)))
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
+    if MOSQUITTO is None or shutil.which("mosquitto_sub") is None:
+        pytest.skip("mosquitto is not installed (Debian packages mosquitto, mosquitto-clients)")
+    broker = MosquittoBroker(tmp_path_factory.mktemp("mqtt"))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="module")
+def session(jack_server, checkpoint, learn_file, broker) -> Iterator[DaemonSession]:
+    mqtt = ["mqtt.enabled=true", f"mqtt.port={broker.port}"]
+    s = DaemonSession(jack_server, daemon_settings(checkpoint, *cc_overrides(learn_file, *mqtt)))
     yield s
     s.close()
+
+
+def mqtt_status_text(broker: MosquittoBroker, wanted: str, timeout: float = 5.0) -> str:
+    """The retained MQTT status (read with mosquitto_sub) once its text holds `wanted`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = subprocess.run(
+            ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-t", "rwkv-music/default/status",
+             "-C", "1", "-W", "3"], capture_output=True, text=True, timeout=10,
+        ).stdout
+        if wanted in text or time.monotonic() > deadline:
+            assert wanted in text, text
+            return text
+        time.sleep(0.1)
 
 
 def wait_answer_over(session: DaemonSession, answers_before: int, timeout: float = 12.0) -> dict:
@@ -83,7 +110,7 @@ def triggered_answer_offsets(session: DaemonSession) -> list[float]:
     return grid_offsets_ms(session, since)
 
 
-def test_cc_temperature_knob_shows_in_status_within_50ms_monotonic_and_is_not_echoed(session):
+def test_cc_temperature_knob_shows_in_status_within_50ms_monotonic_and_is_not_echoed(session, broker):
     values = []
     for cc_value in (0, 40, 80, 127):
         before = session.status()["temperature"]
@@ -96,6 +123,7 @@ def test_cc_temperature_knob_shows_in_status_within_50ms_monotonic_and_is_not_ec
         assert seen < STATUS_WITHIN_S, f"the status showed CC value {cc_value} after {seen * 1000:.1f} ms"
         values.append(status["temperature"])
     assert values[0] == 0.3 and values[-1] == 2.0 and values == sorted(set(values)), values
+    mqtt_status_text(broker, '"temperature":2.0,')  # and on MQTT
     # Thru copies what the daemon does not take (CC 7) and never a mapped CC.
     session.sender.send(control_change(0, 7, 99))
     session.recorder.wait_for(1)
@@ -165,8 +193,9 @@ def test_midi_learn_binds_the_next_cc_keeps_it_across_a_restart_and_output_laten
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (Debian package tmux)")
-def test_watch_in_tmux_shows_mode_tempo_temperature_and_the_answer(session, tmp_path):
+def test_watch_in_tmux_shows_mode_tempo_temperature_and_the_answer(session, broker, tmp_path):
     assert session.osc("temperature", 0.7) == ("/rwkv/ack", ("/rwkv/temperature",))  # a 32-bit float
+    mqtt_status_text(broker, '"temperature":0.7,')  # not 0.699999988079071
     assert session.osc("mode", "call_response") == ("/rwkv/ack", ("/rwkv/mode",))
     socket_name = f"rwkv-test-{tmp_path.name}"
     tmux = ["tmux", "-L", socket_name]

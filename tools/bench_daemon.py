@@ -12,6 +12,10 @@ the recorder's own interpreter lock waits do not count. Reported:
   whole generation time; notes dropped as too late;
 - the time to feed one bar of tokens to the engine (its model step per token, the state kept).
 
+With --watcher on, `rwkv-music watch` runs beside it (another process, rendering to a pseudo
+terminal it never shows) subscribed to the daemon's note and status events; --watcher both
+measures without and then with it, one after the other, and prints the difference.
+
 It needs JACK: it uses the server JACK_DEFAULT_SERVER names when one runs, else starts a
 private dummy server (-r 48000 -p 32, a 0.67 ms period). The figures include JACK's delivery
 (up to one period). Compare figures taken on the same machine.
@@ -38,6 +42,7 @@ EPILOG = """examples:
   rwkv-music bench daemon --random L6-D256 --bars 16   # a random model of the default's size
   rwkv-music bench daemon --checkpoint runs/mine/latest.safetensors --json
   rwkv-music bench daemon --phrase examples/satie-gymnopedie-1.mid --bars 64   # answers to a piano phrase
+  rwkv-music bench daemon --bars 32 --watcher both  # does a subscribed `rwkv-music watch` slow the output?
 """
 
 
@@ -57,6 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--phrase", type=Path, metavar="MIDI",
                    help="call-and-response: play this file's first --phrase-bars bars, answer, repeat")
     p.add_argument("--phrase-bars", type=int, default=2, help="bars of the phrase to play (default 2)")
+    p.add_argument("--watcher", choices=("off", "on", "both"), default="off",
+                   help="run `rwkv-music watch` subscribed to the daemon: off (default), on, or both "
+                   "(measure without, then with, and compare)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(run=run)
 
@@ -71,6 +79,7 @@ class DaemonBenchResult:
     tempo: float
     bars: int
     mode: str  # "autopilot", or the phrase answered
+    watcher: bool  # a `rwkv-music watch` was subscribed
     messages: int  # output messages measured
     error_p50_ms: float
     error_p99_ms: float
@@ -104,14 +113,23 @@ def run(args: argparse.Namespace) -> int:
         phrase = read_phrase(args.phrase, args.phrase_bars)
         if args.bars < phrase.bars + args.length + 2:
             raise UserError(f"--bars must hold at least one phrase and its answer ({phrase.bars + args.length + 2})")
+    watchers = {"off": [False], "on": [True], "both": [False, True]}[args.watcher]
+    results = []
     with tempfile.TemporaryDirectory(prefix="rwkv-bench-daemon-") as tmp:
         checkpoint = _checkpoint(args, Path(tmp))
         with ensure_jack_server(log_path=Path(tmp) / "jackd.log"):
-            result = measure(checkpoint, bars=args.bars, tempo=args.tempo, length=args.length, phrase=phrase)
+            for watcher in watchers:
+                results.append(measure(checkpoint, bars=args.bars, tempo=args.tempo, length=args.length,
+                                       phrase=phrase, watcher=watcher))
     if args.json:
-        print(json.dumps(asdict(result), indent=2))
-    else:
+        print(json.dumps([asdict(r) for r in results] if len(results) > 1 else asdict(results[0]), indent=2))
+        return 0
+    for result in results:
         _print(result)
+    if len(results) == 2:
+        without, with_ = results
+        print(f"watcher's cost: output p99 {with_.error_p99_ms - without.error_p99_ms:+.2f} ms, "
+              f"scheduler hand-over p99 {with_.handover_p99_ms - without.handover_p99_ms:+.2f} ms")
     return 0
 
 
@@ -149,9 +167,11 @@ def random_checkpoint(size: str, path: Path) -> Path:
     return path
 
 
-def measure(checkpoint: Path, *, bars: int, tempo: float, length: int, phrase=None) -> DaemonBenchResult:
+def measure(checkpoint: Path, *, bars: int, tempo: float, length: int, phrase=None,
+            watcher: bool = False) -> DaemonBenchResult:
     """Run the daemon for `bars` bars and measure (needs a running JACK server): in autopilot, or
-    answering `phrase` (a tools.demo.Phrase) played again and again when one is given."""
+    answering `phrase` (a tools.demo.Phrase) played again and again when one is given; with
+    `watcher`, a `rwkv-music watch` subscribed to it all along."""
     from daemon.config import load_daemon_settings
     from daemon.runner import BackgroundDaemon
     from tools.bench import machine_description
@@ -174,6 +194,7 @@ def measure(checkpoint: Path, *, bars: int, tempo: float, length: int, phrase=No
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
         assert receiver.stdin is not None and receiver.stdout is not None
+        watch = start_watcher(background) if watcher else None
         try:
             if receiver.stdout.readline().strip() != "ready":
                 raise RuntimeError("the recording client could not connect to the daemon's output")
@@ -196,6 +217,9 @@ def measure(checkpoint: Path, *, bars: int, tempo: float, length: int, phrase=No
                 receiver.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 receiver.kill()
+            if watch is not None:
+                watch.terminate()
+                watch.wait(timeout=10)
         records = background.call(lambda: list(daemon.recent_answers))
         stats = background.call(lambda: daemon.stats)
         handover = sorted(abs(x) * 1000.0 for x in daemon.scheduler.recent_lateness())
@@ -214,6 +238,7 @@ def measure(checkpoint: Path, *, bars: int, tempo: float, length: int, phrase=No
         tempo=tempo,
         bars=bars,
         mode="autopilot" if phrase is None else f"answering {phrase.path.name} ({phrase.bars} bars, {phrase.meter})",
+        watcher=watcher,
         messages=len(errors),
         error_p50_ms=_percentile(errors, 0.5),
         error_p99_ms=_percentile(errors, 0.99),
@@ -231,6 +256,24 @@ def measure(checkpoint: Path, *, bars: int, tempo: float, length: int, phrase=No
         feed_bar_max_ms=max(feed_ms),
         tokens_per_bar=tokens_per_bar,
     )
+
+
+def start_watcher(background) -> subprocess.Popen:
+    """`rwkv-music watch` on the daemon, drawing every frame as on a 120x50 terminal into
+    /dev/null; returns once the daemon counts it as a subscriber."""
+    daemon = background.daemon
+    env = {**os.environ, "FORCE_COLOR": "1", "COLUMNS": "120", "LINES": "50", "TERM": "xterm-256color"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tools", "watch", "--port", str(daemon.osc_address[1])],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )
+    deadline = time.monotonic() + 20.0
+    while not background.call(lambda: len(daemon.subscribers or ())):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("`rwkv-music watch` did not subscribe to the daemon")
+        time.sleep(0.1)
+    return process
 
 
 def phrase_messages(clock, phrase, first_bar: int, end_bar: int, length: int) -> list[tuple[float, list[int]]]:
@@ -313,7 +356,8 @@ def _print(r: DaemonBenchResult) -> None:
         return "n/a" if value is None else f"{value:.1f} ms"
 
     print(f"machine: {r.machine}")
-    print(f"model:   {r.model}, {r.tempo:g} BPM, {r.bars} bars, {r.mode}")
+    print(f"model:   {r.model}, {r.tempo:g} BPM, {r.bars} bars, {r.mode}"
+          f"{', rwkv-music watch subscribed' if r.watcher else ''}")
     print(f"output timing ({r.messages} messages vs their grid times, through JACK): "
           f"p50 {r.error_p50_ms:.2f} ms, p99 {r.error_p99_ms:.2f} ms, max {r.error_max_ms:.2f} ms")
     print(f"  of which the scheduler (due time -> handed to rtmidi): p50 {r.handover_p50_ms:.2f} ms, "

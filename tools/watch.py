@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="daemon UDP port (default: [osc] port, else 9000)")
     p.add_argument("--config", type=Path, help=f"config.toml for the defaults (default: {DEFAULT_CONFIG} if present)")
     p.add_argument("--bars", type=int, default=4, help="bars in the piano roll, 1..16 (default 4)")
-    p.add_argument("--fps", type=float, default=8.0, help="redraws per second, 1..30 (default 8)")
+    p.add_argument("--fps", type=float, default=5.0, help="redraws per second, 1..30 (default 5)")
     p.add_argument("--seconds", type=float, default=0.0, help="stop after this long (default 0: until Ctrl-C)")
     p.set_defaults(run=run_watch)
 
@@ -130,13 +130,10 @@ def _fmt(value: Any) -> str:
 def render(state: WatchState, now: float, bars: int, target: str, height: int = 50) -> Any:
     """The whole view as a rich renderable."""
     from rich.console import Group
-    from rich.table import Table
     from rich.text import Text
 
     s = state.status
-    head = Table.grid(padding=(0, 2))
-    head.add_column(style="bold")
-    head.add_column()
+    head = _Header()
     if not s:
         waiting = state.error or f"waiting for the daemon at {target}"
         return Group(Text(f"rwkv-music watch: {waiting}", style="yellow"))
@@ -161,8 +158,27 @@ def render(state: WatchState, now: float, bars: int, target: str, height: int = 
     head.add_row("answer", " ".join(state.recent.get("answer", ())))
     if state.error:
         head.add_row("error", Text(state.error, style="red"))
-    roll_rows = max(4, min(MAX_ROWS, height - head.row_count - 3))
-    return Group(head, Text(""), piano_roll(state.notes, beat, bars, per_bar, roll_rows))
+    roll_rows = max(4, min(MAX_ROWS, height - head.rows - 3))
+    return Group(head.text, Text(""), piano_roll(state.notes, beat, bars, per_bar, roll_rows))
+
+
+class _Header:
+    """Label/value lines (a plain Text: a rich Table costs several times more to draw per frame)."""
+
+    WIDTH = 10
+
+    def __init__(self) -> None:
+        from rich.text import Text
+
+        self.text = Text(no_wrap=True, overflow="ellipsis")
+        self.rows = 0
+
+    def add_row(self, label: str, value: Any) -> None:
+        if self.rows:
+            self.text.append("\n")
+        self.text.append(f"{label:<{self.WIDTH}}", style="bold")
+        self.text.append(value)
+        self.rows += 1
 
 
 def _cc_text(cc: Any) -> str:
@@ -210,20 +226,20 @@ def piano_roll(notes: list[_Note], now_beat: float, bars: int, per_bar: float, m
         beat = left + column / COLUMNS_PER_BEAT
         if int(beat // per_bar) != int((beat - 1.0 / COLUMNS_PER_BEAT) // per_bar):
             bar_columns.add(column)
-    text = Text()
+    text = Text(no_wrap=True, overflow="crop")  # no wrapping to compute: the cheapest to draw
     styles = {"player": ("cyan", PLAYER), "answer": ("magenta", ANSWER), BOTH: ("bold white", BOTH)}
     for pitch in rows:
         text.append(f"{note_name(pitch):>4} ", style="dim" if pitch % 12 else "bold")
-        for column in range(columns):
+        run, run_style = [], ""
+        for column in range(columns):  # one span per run of equal cells: fewer objects to draw
             who = cells.get((pitch, column))
-            if who is not None:
-                style, char = styles[who]
-                text.append(char, style=style)
-            elif column in bar_columns:
-                text.append("|", style="dim")
-            else:
-                text.append(" ")
-        text.append("\n")
+            style, char = styles[who] if who is not None else ("dim", "|" if column in bar_columns else " ")
+            if style != run_style and run:
+                text.append("".join(run), style=run_style)
+                run = []
+            run_style = style
+            run.append(char)
+        text.append("".join(run) + "\n", style=run_style)
     text.append(f"     {PLAYER} player  {ANSWER} answer  {BOTH} both  | bar line  (now at the right)", style="dim")
     return text
 
