@@ -8,6 +8,7 @@ the restart starts a second one.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import shutil
 import statistics
@@ -22,6 +23,7 @@ import pytest
 from daemon.midi_events import ALL_NOTES_OFF, control_change
 from tests.fixtures.mosquitto import MOSQUITTO, MosquittoBroker
 from tests.test_daemon_jack import DaemonSession, daemon_settings, note_pairs, save_random_checkpoint
+from tools.cli import main as cli_main
 
 REPO = Path(__file__).parents[1]
 TEMPERATURE_CC, TRIGGER_CC, STOP_CC, LEARNED_CC = 21, 22, 23, 30
@@ -158,13 +160,16 @@ def test_cc_trigger_plays_an_answer_in_manual_mode_and_cc_stop_silences_it(sessi
 
 
 def test_midi_learn_binds_the_next_cc_keeps_it_across_a_restart_and_output_latency_moves_notes_earlier(
-    session, jack_server, checkpoint, learn_file
+    session, jack_server, checkpoint, learn_file, capsys
 ):
-    # Learn: the next CC (30 on channel 2) steers top_p from now on; the file keeps it.
-    assert session.osc("learn", "top_p") == ("/rwkv/ack", ("/rwkv/learn",))
-    assert session.status()["cc_learning"] == "top_p"
-    session.sender.send(control_change(1, LEARNED_CC, 100))
-    session.wait_status(lambda s: s["cc_learning"] is None, 2.0, "the learned binding")
+    # Learn with the command line: the next CC (30 on channel 2) steers top_p from now on.
+    port = str(session.daemon.osc_address[1])
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        learner = pool.submit(cli_main, ["osc", "--port", port, "learn", "top_p", "--learn-wait", "10"])
+        session.wait_status(lambda s: s["cc_learning"] == "top_p", 5.0, "MIDI learn to wait")
+        session.sender.send(control_change(1, LEARNED_CC, 100))
+        assert learner.result(timeout=10) == 0
+    assert f"top_p <- CC {LEARNED_CC} ch 2" in capsys.readouterr().out
     session.sender.send(control_change(1, LEARNED_CC, 0))
     status = session.wait_status(lambda s: s["top_p"] == 0.5, 2.0, "the learned CC to set top_p")
     assert json.loads(status["cc"])["top_p"] == f"CC {LEARNED_CC} ch 2"
