@@ -19,7 +19,8 @@ of its own, the MIDI reader a third. How the parts connect
   note-offs for the sounding notes.
 - Feedback: every message the scheduler actually sends comes back to the loop and goes into
   the encoder at its beat, so the model's state holds both parts of the conversation.
-- Control: one `execute(command)` serves OSC and MQTT (see docs/control.md).
+- Control: one `execute(command)` serves OSC, MQTT and the control changes `daemon.cc_map` maps
+  (see docs/control.md); note and status events go to OSC subscribers (`daemon.subscribers`).
 
 Every stop path (takeover, mode off, panic, reset, shutdown) releases every sounding note.
 """
@@ -397,15 +398,15 @@ class Daemon:
             return
         removed = self.cc.unbind(command.target)
         log.info("%s unbound from %s", command.target, removed.describe() if removed else "nothing")
-        self._keep_learned(command.target, None)
+        self._keep_learned()
 
     def _learned(self, target: str, binding: CcBinding) -> None:
         log.info("MIDI learn: %s moves %s", binding.describe(), target)
-        self._keep_learned(target, binding)
+        self._keep_learned()
         self._publish("cc_learned", target=target, cc=binding.control, channel=binding.channel)
         self._status_changed()
 
-    def _keep_learned(self, target: str, binding: CcBinding | None) -> None:
+    def _keep_learned(self) -> None:
         """Write the learned map (every target that differs from config.toml) to the user's file."""
         path = self._learned_file
         if path is None:
