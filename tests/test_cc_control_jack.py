@@ -176,7 +176,10 @@ def test_midi_learn_binds_the_next_cc_keeps_it_across_a_restart_and_output_laten
     status = session.wait_status(lambda s: s["top_p"] == 0.5, 2.0, "the learned CC to set top_p")
     assert json.loads(status["cc"])["top_p"] == f"CC {LEARNED_CC} ch 2"
     assert json.loads(learn_file.read_text())["bindings"] == {"top_p": {"cc": LEARNED_CC, "channel": 2}}
-    # Unlearn refuses a name it does not know, with a reason.
+    # Unlearn frees a configured CC too (kept as null); a name it does not know gets a reason.
+    assert session.osc("unlearn", "stop") == ("/rwkv/ack", ("/rwkv/unlearn",))
+    assert "stop" not in json.loads(session.status()["cc"])
+    assert json.loads(learn_file.read_text())["bindings"]["stop"] is None
     reply, args = session.osc("unlearn", "volume")
     assert reply == "/rwkv/error" and "unlearn takes one of" in args[1]
 
@@ -188,7 +191,9 @@ def test_midi_learn_binds_the_next_cc_keeps_it_across_a_restart_and_output_laten
     )
     try:
         status = later.status()
-        assert json.loads(status["cc"])["top_p"] == f"CC {LEARNED_CC} ch 2"
+        assert json.loads(status["cc"]) == {
+            "temperature": f"CC {TEMPERATURE_CC}", "top_p": f"CC {LEARNED_CC} ch 2", "trigger": f"CC {TRIGGER_CC}"
+        }
         later.sender.send(control_change(1, LEARNED_CC, 127))
         later.wait_status(lambda s: s["top_p"] == 1.0, 2.0, "the learned CC after the restart")
         early = triggered_answer_offsets(later)
