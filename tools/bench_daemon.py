@@ -12,9 +12,12 @@ the recorder's own interpreter lock waits do not count. Reported:
   whole generation time; notes dropped as too late;
 - the time to feed one bar of tokens to the engine (its model step per token, the state kept).
 
-With --watcher on, `rwkv-music watch` runs beside it (another process, rendering to a pseudo
-terminal it never shows) subscribed to the daemon's note and status events; --watcher both
-measures without and then with it, one after the other, and prints the difference.
+With --watcher on, `rwkv-music watch` runs beside it (another process, drawing every frame as
+for a terminal, into /dev/null) subscribed to the daemon's note and status events; --watcher
+both measures without and then with it, one run after the other; --watcher interleaved runs
+once and takes the watcher away and back every INTERLEAVE_BARS bars (paused with SIGSTOP and
+unsubscribed, then subscribed and resumed), so that both figures come from the same minutes of a
+shared machine's load: the output timing is split by the time each message was due.
 
 It needs JACK: it uses the server JACK_DEFAULT_SERVER names when one runs, else starts a
 private dummy server (-r 48000 -p 32, a 0.67 ms period). The figures include JACK's delivery
@@ -27,6 +30,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -42,7 +46,7 @@ EPILOG = """examples:
   rwkv-music bench daemon --random L6-D256 --bars 16   # a random model of the default's size
   rwkv-music bench daemon --checkpoint runs/mine/latest.safetensors --json
   rwkv-music bench daemon --phrase examples/satie-gymnopedie-1.mid --bars 64   # answers to a piano phrase
-  rwkv-music bench daemon --bars 32 --watcher both  # does a subscribed `rwkv-music watch` slow the output?
+  rwkv-music bench daemon --bars 32 --watcher interleaved  # does a subscribed `rwkv-music watch` slow the output?
 """
 
 
@@ -62,14 +66,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--phrase", type=Path, metavar="MIDI",
                    help="call-and-response: play this file's first --phrase-bars bars, answer, repeat")
     p.add_argument("--phrase-bars", type=int, default=2, help="bars of the phrase to play (default 2)")
-    p.add_argument("--watcher", choices=("off", "on", "both"), default="off",
-                   help="run `rwkv-music watch` subscribed to the daemon: off (default), on, or both "
-                   "(measure without, then with, and compare)")
+    p.add_argument("--watcher", choices=("off", "on", "both", "interleaved"), default="off",
+                   help="run `rwkv-music watch` subscribed to the daemon: off (default), on, both (a run "
+                   "without, then one with) or interleaved (one run, the watcher away every other "
+                   f"{INTERLEAVE_BARS} bars); both and interleaved print the difference")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(run=run)
 
 
 FIRST_NOTE_LATE_MS = 5.0
+INTERLEAVE_BARS = 2
 
 
 @dataclass
@@ -113,14 +119,14 @@ def run(args: argparse.Namespace) -> int:
         phrase = read_phrase(args.phrase, args.phrase_bars)
         if args.bars < phrase.bars + args.length + 2:
             raise UserError(f"--bars must hold at least one phrase and its answer ({phrase.bars + args.length + 2})")
-    watchers = {"off": [False], "on": [True], "both": [False, True]}[args.watcher]
+    runs = {"off": ["off"], "on": ["on"], "both": ["off", "on"], "interleaved": ["interleaved"]}[args.watcher]
     results = []
     with tempfile.TemporaryDirectory(prefix="rwkv-bench-daemon-") as tmp:
         checkpoint = _checkpoint(args, Path(tmp))
         with ensure_jack_server(log_path=Path(tmp) / "jackd.log"):
-            for watcher in watchers:
-                results.append(measure(checkpoint, bars=args.bars, tempo=args.tempo, length=args.length,
-                                       phrase=phrase, watcher=watcher))
+            for watcher in runs:
+                results += measure(checkpoint, bars=args.bars, tempo=args.tempo, length=args.length,
+                                   phrase=phrase, watcher=watcher)
     if args.json:
         print(json.dumps([asdict(r) for r in results] if len(results) > 1 else asdict(results[0]), indent=2))
         return 0
@@ -128,8 +134,13 @@ def run(args: argparse.Namespace) -> int:
         _print(result)
     if len(results) == 2:
         without, with_ = results
-        print(f"watcher's cost: output p99 {with_.error_p99_ms - without.error_p99_ms:+.2f} ms, "
-              f"scheduler hand-over p99 {with_.handover_p99_ms - without.handover_p99_ms:+.2f} ms")
+        if args.watcher == "interleaved":  # one run: the hand-over figures are the whole run's
+            print(f"watcher's cost (interleaved every {INTERLEAVE_BARS} bars): output p99 "
+                  f"{with_.error_p99_ms - without.error_p99_ms:+.2f} ms, "
+                  f"p50 {with_.error_p50_ms - without.error_p50_ms:+.2f} ms")
+        else:
+            print(f"watcher's cost: output p99 {with_.error_p99_ms - without.error_p99_ms:+.2f} ms, "
+                  f"scheduler hand-over p99 {with_.handover_p99_ms - without.handover_p99_ms:+.2f} ms")
     return 0
 
 
@@ -168,13 +179,13 @@ def random_checkpoint(size: str, path: Path) -> Path:
 
 
 def measure(checkpoint: Path, *, bars: int, tempo: float, length: int, phrase=None,
-            watcher: bool = False) -> DaemonBenchResult:
+            watcher: str = "off") -> list[DaemonBenchResult]:
     """Run the daemon for `bars` bars and measure (needs a running JACK server): in autopilot, or
-    answering `phrase` (a tools.demo.Phrase) played again and again when one is given; with
-    `watcher`, a `rwkv-music watch` subscribed to it all along."""
+    answering `phrase` (a tools.demo.Phrase) played again and again when one is given. `watcher`:
+    "off", "on" (a `rwkv-music watch` subscribed all along): one result; "interleaved" (the
+    watcher there in every other INTERLEAVE_BARS bars): the result without it, then with it."""
     from daemon.config import load_daemon_settings
     from daemon.runner import BackgroundDaemon
-    from tools.bench import machine_description
     from tools.soak import SoakPeer
 
     tag = f"{os.getpid()}-{time.monotonic_ns() % 1_000_000}"
@@ -194,7 +205,7 @@ def measure(checkpoint: Path, *, bars: int, tempo: float, length: int, phrase=No
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
         assert receiver.stdin is not None and receiver.stdout is not None
-        watch = start_watcher(background) if watcher else None
+        watch = start_watcher(background) if watcher != "off" else None
         try:
             if receiver.stdout.readline().strip() != "ready":
                 raise RuntimeError("the recording client could not connect to the daemon's output")
@@ -206,6 +217,9 @@ def measure(checkpoint: Path, *, bars: int, tempo: float, length: int, phrase=No
             if phrase is not None:
                 player = SoakPeer(f"bench-player-{tag}", f"{in_port}:{in_port}", f"{out_port}:{out_port}")
                 player.play(phrase_messages(clock, phrase, start_bar + 1, start_bar + bars, length))
+            if watcher == "interleaved":
+                assert watch is not None
+                interleave_watcher(background, watch, clock, start_bar, bars)
             time.sleep(max(0.0, clock.time_at(end_beat) - time.perf_counter()) + 0.3)
             if player is not None:
                 player.close()
@@ -218,15 +232,35 @@ def measure(checkpoint: Path, *, bars: int, tempo: float, length: int, phrase=No
             except subprocess.TimeoutExpired:
                 receiver.kill()
             if watch is not None:
+                watch.send_signal(signal.SIGCONT)
                 watch.terminate()
                 watch.wait(timeout=10)
         records = background.call(lambda: list(daemon.recent_answers))
         stats = background.call(lambda: daemon.stats)
         handover = sorted(abs(x) * 1000.0 for x in daemon.scheduler.recent_lateness())
-        errors = match_errors(arrivals, [item for r in records for item in r.scheduled])
+        timed_errors = match_errors_at(arrivals, [item for r in records for item in r.scheduled])
         model_id = daemon.model_id
         engine_meta = daemon.engine.meta if daemon.engine is not None else None
     feed_ms, tokens_per_bar = feed_bar_times(checkpoint)
+    if watcher == "interleaved":
+        with_watcher = {True: [], False: []}
+        for due, error in timed_errors:
+            segment = (clock.bar_index(clock.beat_at(due)) - start_bar) // INTERLEAVE_BARS
+            with_watcher[segment % 2 == 1].append(error)
+        splits = [(False, with_watcher[False]), (True, with_watcher[True])]
+    else:
+        splits = [(watcher == "on", [error for _, error in timed_errors])]
+    return [
+        _result(records, stats, arrivals, errors, handover, model_id, engine_meta, feed_ms, tokens_per_bar,
+                tempo=tempo, bars=bars, phrase=phrase, watcher=watched)
+        for watched, errors in splits
+    ]
+
+
+def _result(records, stats, arrivals, errors, handover, model_id, engine_meta, feed_ms, tokens_per_bar, *,
+            tempo: float, bars: int, phrase, watcher: bool) -> DaemonBenchResult:
+    from tools.bench import machine_description
+
     errors.sort()
     ready = sorted(r.ready_before_bar_ms for r in records if r.ready_before_bar_ms is not None)
     generation = [r.generation_ms for r in records]
@@ -256,6 +290,21 @@ def measure(checkpoint: Path, *, bars: int, tempo: float, length: int, phrase=No
         feed_bar_max_ms=max(feed_ms),
         tokens_per_bar=tokens_per_bar,
     )
+
+
+def interleave_watcher(background, watch: subprocess.Popen, clock, start_bar: int, bars: int) -> None:
+    """Until the last bar: every INTERLEAVE_BARS bars, take the watcher away (unsubscribed, its
+    process paused) or bring it back (subscribed, resumed); it starts away."""
+    daemon = background.daemon
+    address = background.call(lambda: daemon.subscribers.addresses[0])
+    for index, bar in enumerate(range(start_bar, start_bar + bars, INTERLEAVE_BARS)):
+        time.sleep(max(0.0, clock.time_at(clock.bar_start_beat(bar)) - time.perf_counter()))
+        if index % 2 == 0:
+            background.call(daemon.subscribers.unsubscribe, *address)
+            watch.send_signal(signal.SIGSTOP)
+        else:
+            background.call(daemon.subscribers.subscribe, *address)
+            watch.send_signal(signal.SIGCONT)
 
 
 def start_watcher(background) -> subprocess.Popen:
@@ -303,6 +352,11 @@ def first_note_lateness(arrivals: list[list], records) -> list[float]:
 def match_errors(arrivals: list[list], scheduled: list[tuple[float, tuple[int, ...]]]) -> list[float]:
     """|arrival - due| in ms of every received message matched to the message the daemon
     scheduled with the same bytes and the closest due time (within half a second)."""
+    return [error for _, error in match_errors_at(arrivals, scheduled)]
+
+
+def match_errors_at(arrivals: list[list], scheduled: list[tuple[float, tuple[int, ...]]]) -> list[tuple[float, float]]:
+    """`match_errors` with the due time (perf_counter seconds) of each matched message."""
     by_bytes: dict[tuple[int, ...], list[float]] = {}
     for due, message in scheduled:
         by_bytes.setdefault(tuple(message), []).append(due)
@@ -313,7 +367,8 @@ def match_errors(arrivals: list[list], scheduled: list[tuple[float, tuple[int, .
             continue  # the closing note-offs and All Notes Off were never scheduled
         best = min(range(len(dues)), key=lambda i: abs(dues[i] - t))
         if abs(dues[best] - t) < 0.5:
-            errors.append(abs(t - dues.pop(best)) * 1000.0)
+            due = dues.pop(best)
+            errors.append((due, abs(t - due) * 1000.0))
     return errors
 
 
