@@ -6,9 +6,9 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 # Debian packages the tests talk to: JACK (virtual MIDI ports), mosquitto (MQTT), liblo (oscsend),
-# and a C compiler for the CPU step kernel (built on first use).
-DEB_PKGS := jackd2 mosquitto mosquitto-clients liblo-tools gcc
-DEB_CMDS := jackd mosquitto mosquitto_sub oscsend cc
+# a C compiler for the CPU step kernel (built on first use), and tmux (the test of `rwkv-music watch`).
+DEB_PKGS := jackd2 mosquitto mosquitto-clients liblo-tools gcc tmux
+DEB_CMDS := jackd mosquitto mosquitto_sub oscsend cc tmux
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test lint bench system-packages clean

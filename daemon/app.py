@@ -19,7 +19,8 @@ of its own, the MIDI reader a third. How the parts connect
   note-offs for the sounding notes.
 - Feedback: every message the scheduler actually sends comes back to the loop and goes into
   the encoder at its beat, so the model's state holds both parts of the conversation.
-- Control: one `execute(command)` serves OSC and MQTT (see docs/control.md).
+- Control: one `execute(command)` serves OSC, MQTT and the control changes `daemon.cc_map` maps
+  (see docs/control.md); note and status events go to OSC subscribers (`daemon.subscribers`).
 
 Every stop path (takeover, mode off, panic, reset, shutdown) releases every sounding note.
 """
@@ -43,16 +44,34 @@ from typing import Any
 
 from daemon import encoder as enc
 from daemon import midi_events
+from daemon.cc_learned import learned_path, read_learned, write_learned
+from daemon.cc_map import CcBinding, CcMap
 from daemon.clock import Clock, ClockEvent, LinkClock, TempoChanged, TransportChanged, make_clock
 from daemon.config import DaemonSettings
-from daemon.controls import Command, Controls, Panic, Reload, Reset, SetParam, Status, Style, Trigger
+from daemon.controls import (
+    Command,
+    ControlError,
+    Controls,
+    Learn,
+    Panic,
+    Reload,
+    Reset,
+    SetParam,
+    Status,
+    StopAnswer,
+    Style,
+    Subscribe,
+    Trigger,
+    Unlearn,
+    Unsubscribe,
+)
 from daemon.engine_process import EngineProcess
 from daemon.errors import ClockError, DaemonError, MidiError, SchedulerStoppedError
 from daemon.exit_watchdog import exit_watchdog
 from daemon.midi_ports import MidiPorts
 from daemon.modes import Answer, AnswerAt, Decision, ModeMachine, TakeOver
 from daemon.mqtt_bridge import MqttBridge
-from daemon.osc_server import OscServer
+from daemon.osc_server import OscServer, status_arguments
 from daemon.reload import (
     CheckpointWatcher,
     FileSignature,
@@ -62,7 +81,9 @@ from daemon.reload import (
     resolve_reload_path,
 )
 from daemon.scheduler import OutputScheduler, short_switch_interval
+from daemon.status import DaemonStats, daemon_status
 from daemon.styles import StyleLibrary
+from daemon.subscribers import FLUSH_INTERVAL_S, SubscriberSet
 from model.checkpoint import CheckpointMeta
 from model.remi_grammar import DecodedNote, DecodedPedal
 from model.sampling import SamplingSettings
@@ -89,27 +110,6 @@ class CheckpointMissingError(DaemonError):
             "--checkpoint DIR/latest.safetensors, or set daemon.checkpoint in config.toml"
         )
         self.path = path
-
-
-@dataclass
-class DaemonStats:
-    """Counters since start (shown in /rwkv/status)."""
-
-    input_notes: int = 0  # note-ons from the player
-    answers: int = 0  # answers started (generation begun)
-    discarded: int = 0  # answers dropped before their bar line (the player played on)
-    takeovers: int = 0  # sounding answers stopped by the player or mode off
-    failed: int = 0  # generations that raised
-    notes_scheduled: int = 0
-    late_dropped: int = 0  # generated notes too late to play
-    notes_played: int = 0  # note-ons the scheduler sent (fed back to the encoder)
-    tokens_fed: int = 0  # final ids fed to the engine (player and daemon)
-    encoder_rejected: int = 0  # events the encoder refused
-    reloads: int = 0
-    reload_errors: int = 0
-    ready_before_bar_ms: float | None = None  # last answer: bar line minus the time its first note was scheduled
-    generation_ms: float | None = None  # last answer's whole generation
-    last_swap_beat: float | None = None  # clock beat at which the last reloaded model was swapped in
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,10 @@ class Daemon:
         self.styles = StyleLibrary(settings.daemon.styles_dir, settings.daemon.checkpoint)
         self.last_reload_error: str | None = None
         self._channel = settings.daemon.output_channel - 1
+        self._latency = settings.midi.output_latency
+        self.cc = CcMap(settings.cc)  # the learned bindings are added when the daemon opens
+        self._learned_file = learned_path(settings.cc.learn_file)
+        self.subscribers: SubscriberSet | None = None
         self._late_s = settings.daemon.late_ms / 1000.0
         self._stack: contextlib.AsyncExitStack | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -194,6 +198,14 @@ class Daemon:
         self.osc: OscServer | None = None
         self.mqtt: MqttBridge | None = None
         self.watcher: CheckpointWatcher | None = None
+
+    @property
+    def pending_swap(self) -> tuple[LoadedModel, int] | None:
+        return self._pending_swap
+
+    @property
+    def live_answers(self) -> dict[int, _LiveAnswer]:
+        return self._live
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -251,7 +263,8 @@ class Daemon:
         self._update_leads()
         clock.add_listener(self._on_clock_event)
 
-        self.ports = await stack.enter_async_context(MidiPorts(self.settings.midi))
+        self.cc = CcMap(self.settings.cc, read_learned(self._learned_file))
+        self.ports = await stack.enter_async_context(MidiPorts(self.settings.midi, consumes=self.cc.consumes))
         stack.enter_context(short_switch_interval())
         self.scheduler = stack.enter_context(
             OutputScheduler(self._send_output, realtime_priority=cfg.output_priority)
@@ -261,12 +274,14 @@ class Daemon:
         self.osc = await stack.enter_async_context(OscServer.from_config(self.settings.osc, self.execute))
         if self.settings.mqtt.enabled:
             self.mqtt = await stack.enter_async_context(MqttBridge(self.settings.mqtt, self.execute))
+        self.subscribers = SubscriberSet(self.osc.send_to, self.settings.osc.prefix)
 
         self.watcher = CheckpointWatcher(self.checkpoint_path, cfg.watch_interval_s, self._on_checkpoint_changed)
         self.watcher.mark_seen(self.checkpoint_path, signature)
         self._tasks = [
             asyncio.create_task(self._tick_forever(), name="daemon-ticker"),
             asyncio.create_task(self._read_input(), name="daemon-input"),
+            asyncio.create_task(self._feed_subscribers(), name="daemon-subscribers"),
         ]
         if cfg.watch:
             self._tasks.append(asyncio.create_task(self.watcher.run(), name="checkpoint-watcher"))
@@ -340,6 +355,13 @@ class Daemon:
             self._reset()
         elif isinstance(command, Panic):
             self._panic()
+        elif isinstance(command, StopAnswer):
+            self._stop_answers()
+        elif isinstance(command, (Learn, Unlearn)):
+            self._learn(command)
+        elif isinstance(command, (Subscribe, Unsubscribe)):
+            self._subscribe(command)
+            return None
         elif isinstance(command, Reload):
             await self._reload_command(command)
         elif isinstance(command, Style):
@@ -351,50 +373,7 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         """Controls, model, mode, tempo, ports and counters, for /rwkv/status and MQTT."""
-        values: dict[str, Any] = dict(self.controls.as_dict())
-        clock, ports, scheduler = self.clock, self.ports, self.scheduler
-        if clock is not None:
-            values["tempo"] = round(clock.tempo, 3)
-            values["meter"] = str(clock.meter)
-            values["clock"] = self.settings.clock.source
-            values["clock_running"] = clock.running
-            beat = self._now_beat()
-            values["beat"] = round(beat, 3)
-            values["bar"] = clock.bar_index(beat)
-        values["model_id"] = self.model_id
-        if self.engine is not None:
-            values["model_step"] = self.playing_meta.step if self.playing_meta is not None else None
-            values["device"] = str(self.engine.device)
-        values["checkpoint"] = str(self.checkpoint_path)
-        values["style"] = self.styles.name_of(self.checkpoint_path)
-        values["reload_pending"] = self._pending_swap is not None
-        values["last_reload_error"] = self.last_reload_error
-        if ports is not None:
-            values["midi_api"] = ports.api_name
-            values["in_port"] = ports.input_description
-            values["out_port"] = ports.output_description
-            midi = ports.stats
-            values["input_overflowed"] = midi.overflowed
-            values["midi_connected"] = ports.connected
-            values["midi_server_lost"] = midi.server_lost
-            values["midi_reconnected"] = midi.reconnected
-            values["midi_invalid"] = midi.invalid
-            values["midi_lost_output"] = midi.lost_output
-        if self.osc is not None:
-            values["osc"] = "{}:{}".format(*self.osc.address)
-        values["mqtt_connected"] = self.mqtt.connected if self.mqtt is not None else False
-        values["answers_active"] = len(self._live)
-        values.update(dataclasses.asdict(self.stats))
-        if scheduler is not None:
-            sched = scheduler.stats
-            values["output_sent"] = sched.sent
-            values["output_late"] = sched.late
-            values["output_max_lateness_ms"] = round(sched.max_lateness_s * 1000.0, 3)
-            values["output_pending"] = scheduler.pending
-            values["sounding"] = len(scheduler.sounding_notes)
-        if self.encoder is not None:
-            values["encoder_late_events"] = self.encoder.late_events
-        return values
+        return daemon_status(self)
 
     # ------------------------------------------------------------------------------ controls
 
@@ -411,6 +390,49 @@ class Daemon:
             machine.silence_beats = float(command.value)
         self.controls = self.controls.apply(command)
         log.info("%s = %s", command.name, command.value)
+
+    def _stop_answers(self) -> None:
+        """Stop the answers now (note-offs for what sounds); the player must play again before
+        call_response answers."""
+        assert self.machine is not None
+        self._end_answers(self.machine.stop_all(self._now_beat()), output=False, reason="stop")
+        self._silence()
+        log.info("stop: the answer stopped")
+
+    def _learn(self, command: Learn | Unlearn) -> None:
+        if isinstance(command, Learn):
+            self.cc.learn(command.target)
+            log.info("MIDI learn: the next control change moves %s", command.target)
+            return
+        removed = self.cc.unbind(command.target)
+        log.info("%s unbound from %s", command.target, removed.describe() if removed else "nothing")
+        self._keep_learned()
+
+    def _learned(self, target: str, binding: CcBinding) -> None:
+        log.info("MIDI learn: %s moves %s", binding.describe(), target)
+        self._keep_learned()
+        self._publish("cc_learned", target=target, cc=binding.control, channel=binding.channel)
+        self._status_changed()
+
+    def _keep_learned(self) -> None:
+        """Write the learned map (every target that differs from config.toml) to the user's file."""
+        path = self._learned_file
+        if path is None:
+            return
+        configured, current = self.settings.cc.bindings(), self.cc.bindings
+        learned = {t: current.get(t) for t in {*configured, *current} if configured.get(t) != current.get(t)}
+        try:
+            write_learned(path, learned)
+        except OSError as err:
+            log.error("the learned CC map was not kept in %s: %s", path, err)
+
+    def _subscribe(self, command: Subscribe | Unsubscribe) -> None:
+        if command.host is None or self.subscribers is None:
+            raise ControlError("subscriptions are made over OSC: the events go to the sender's UDP port")
+        if isinstance(command, Subscribe):
+            self.subscribers.subscribe(command.host, command.port)
+        elif not self.subscribers.unsubscribe(command.host, command.port):
+            raise ControlError(f"{command.host}:{command.port} is not subscribed")
 
     def _reset(self) -> None:
         """Forget the conversation: stop answers, fresh encoder from this bar, fresh state."""
@@ -579,12 +601,40 @@ class Daemon:
         self._maybe_swap(beat)
         self._forget_finished()
 
+    async def _feed_subscribers(self) -> None:
+        """Every FLUSH_INTERVAL_S: the notes since the last time (and the status now and then)
+        to the subscribers, from the loop: the output thread never waits for a watcher."""
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            subscribers = self.subscribers
+            if subscribers is None or not len(subscribers):
+                continue
+            try:
+                subscribers.flush(status_arguments(self.status()) if subscribers.status_due() else None)
+            except Exception:  # a watcher must never stop the daemon
+                self._log_rarely("subscribers", "sending to subscribers failed")
+
+    async def _on_cc(self, event: midi_events.ControlChange) -> bool:
+        """A control change the CC map takes: execute its commands; False when it is not mapped."""
+        result = self.cc.handle(event, self.controls)
+        if result is None:
+            return False
+        if result.learned is not None:
+            self._learned(*result.learned)
+        for command in result.commands:
+            try:
+                await self.execute(command)
+            except DaemonError as err:
+                log.warning("CC %d (%s) refused: %s", event.control, type(command).__name__, err)
+        return True
+
     async def _read_input(self) -> None:
         assert self.ports is not None
         try:
             async for event in self.ports:
                 try:
-                    self._on_midi(event)
+                    if not (isinstance(event, midi_events.ControlChange) and await self._on_cc(event)):
+                        self._on_midi(event)
                 except Exception:  # one bad event must not end the input
                     self._log_rarely("input", "MIDI input event %r failed", event)
         except MidiError as err:
@@ -598,14 +648,20 @@ class Daemon:
         if isinstance(event, midi_events.NoteOn):
             beat = clock.beat_at(event.time)
             self.stats.input_notes += 1
+            self._watched("player", event.note, event.velocity, beat)
             self._encode(enc.NoteOn, beat, pitch=event.note, velocity=event.velocity)
             self._apply(machine.note_on(event.note, beat))
         elif isinstance(event, midi_events.NoteOff):
             beat = clock.beat_at(event.time)
+            self._watched("player", event.note, 0, beat)
             self._encode(enc.NoteOff, beat, pitch=event.note)
             self._apply(machine.note_off(event.note, beat))
         elif isinstance(event, midi_events.ControlChange) and event.is_sustain:
             self._encode(enc.SustainPedal, clock.beat_at(event.time), down=event.pedal_down)
+
+    def _watched(self, who: str, pitch: int, velocity: int, beat: float) -> None:
+        if self.subscribers is not None:
+            self.subscribers.note(who, pitch, velocity, beat)
 
     def _encode(self, kind: type, beat: float, **fields: Any) -> None:
         """Feed one performance event (clock beat `beat`) to the encoder and its ids onward."""
@@ -686,8 +742,9 @@ class Daemon:
                 return
             # An answer lasts its bars: a note still sounding at the end is released there.
             end_beat = min(start_beat + event.duration_beats, answer.end_beat)
-            try:
-                on, off = clock.time_at(start_beat), clock.time_at(end_beat)
+            try:  # sent early by the output latency, so that they sound on time
+                on = clock.time_at(start_beat) - self._latency.seconds(event.velocity)
+                off = clock.time_at(end_beat) - self._latency.seconds()
             except ClockError:
                 return
             now = time.perf_counter()
@@ -726,7 +783,7 @@ class Daemon:
             if beat >= answer.end_beat:
                 return
             try:
-                at = clock.time_at(beat)
+                at = clock.time_at(beat) - self._latency.seconds()
             except ClockError:
                 return
             message = midi_events.control_change(self._channel, midi_events.SUSTAIN_PEDAL, 127 if event.down else 0)
@@ -762,7 +819,7 @@ class Daemon:
         if live.pedal_down and not live.stop.is_set() and self.scheduler is not None:
             pedal_up = midi_events.control_change(self._channel, midi_events.SUSTAIN_PEDAL, 0)
             with self._output_lock, contextlib.suppress(SchedulerStoppedError):
-                self.scheduler.schedule(live.end_time, pedal_up)
+                self.scheduler.schedule(live.end_time - self._latency.seconds(), pedal_up)
         log.info("answer %d: %d notes (%d too late), %.0f ms to generate%s", live.answer.id, live.notes,
                  live.dropped, completion.seconds * 1000, ", stopped" if completion.stopped else "")
         self._publish(
@@ -839,15 +896,18 @@ class Daemon:
         clock = self.clock
         if clock is None or not clock.running or len(message) < 3 or self._closing:
             return
-        try:
-            beat = clock.beat_at(sent)
+        kind = message[0] & 0xF0
+        note_on = kind == midi_events.NOTE_ON and message[2] > 0
+        try:  # the beat it was meant for: it left early by the output latency
+            beat = clock.beat_at(sent + self._latency.seconds(message[2] if note_on else None))
         except ClockError:  # e.g. the Link session already left during shutdown
             return
-        kind = message[0] & 0xF0
-        if kind == midi_events.NOTE_ON and message[2] > 0:
+        if note_on:
             self.stats.notes_played += 1
+            self._watched("answer", message[1], message[2], beat)
             self._encode(enc.NoteOn, beat, pitch=message[1], velocity=message[2])
         elif kind in (midi_events.NOTE_OFF, midi_events.NOTE_ON):
+            self._watched("answer", message[1], 0, beat)
             self._encode(enc.NoteOff, beat, pitch=message[1])
         elif kind == midi_events.CONTROL_CHANGE and message[1] == midi_events.SUSTAIN_PEDAL:
             self._encode(enc.SustainPedal, beat, down=message[2] >= 64)
@@ -912,112 +972,3 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise DaemonError("daemon.device = 'cuda' but no CUDA device is available (use auto or cpu)")
     return device
-
-
-async def serve(settings: DaemonSettings, stop: asyncio.Event | None = None, *, handle_signals: bool = True) -> None:
-    """Run the daemon until `stop` is set (or SIGINT/SIGTERM when `handle_signals`)."""
-    import signal
-
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    if handle_signals:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-    try:
-        async with Daemon(settings):
-            await stop.wait()
-            log.info("stopping: releasing every note, closing the ports")
-    finally:
-        if handle_signals:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-
-
-class BackgroundDaemon:
-    """A Daemon on a thread of its own, with its own event loop (tests, benchmarks, embedding).
-
-    Use::
-
-        with BackgroundDaemon(settings) as bg:
-            status = bg.call(bg.daemon.status)
-            bg.execute(SetParam("length", 4))
-    """
-
-    def __init__(self, settings: DaemonSettings):
-        self.settings = settings
-        self.daemon: Daemon | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self, timeout: float = 60.0) -> Daemon:
-        """Start and wait until the daemon is ready; re-raises what stopped it from starting."""
-        self._thread = threading.Thread(target=self._main, name="rwkv-daemon", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise DaemonError(f"the daemon did not start within {timeout:g} s")
-        if self._error is not None:
-            self._thread.join()
-            raise self._error
-        assert self.daemon is not None
-        return self.daemon
-
-    def _main(self) -> None:
-        async def body() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            try:
-                async with Daemon(self.settings) as daemon:
-                    self.daemon = daemon
-                    self._ready.set()
-                    await self._stop.wait()
-            except BaseException as err:  # noqa: BLE001 - handed to the starting thread
-                if self._ready.is_set():
-                    log.exception("the daemon stopped with an error")
-                self._error = err
-            finally:
-                self._ready.set()
-
-        asyncio.run(body())
-
-    def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 10.0) -> Any:
-        """Run `fn(*args)` on the daemon's loop and return its result (thread-safe access)."""
-        assert self._loop is not None
-        future: Future = Future()
-
-        def run() -> None:
-            try:
-                future.set_result(fn(*args))
-            except BaseException as err:  # noqa: BLE001 - returned to the caller
-                future.set_exception(err)
-
-        self._loop.call_soon_threadsafe(run)
-        return future.result(timeout)
-
-    def execute(self, command: Command, timeout: float = 30.0) -> dict[str, Any] | None:
-        """`Daemon.execute` from another thread."""
-        assert self._loop is not None and self.daemon is not None
-        return asyncio.run_coroutine_threadsafe(self.daemon.execute(command), self._loop).result(timeout)
-
-    def stop(self, timeout: float = 2 * _SHUTDOWN_LIMIT_S) -> None:
-        """Stop the daemon (note-offs, ports closed) and wait for its thread to end.
-
-        Raises DaemonError if it has not ended within `timeout`: its ports may still be closing,
-        and a caller that went on (opening new ones) would race libjack. The daemon's own
-        shutdown is bounded by `exit_watchdog`, so the default wait is long enough."""
-        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._stop.set)
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                raise DaemonError(f"the daemon did not stop within {timeout:g} s")
-
-    def __enter__(self) -> BackgroundDaemon:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()

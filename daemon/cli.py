@@ -68,9 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_daemon(args: argparse.Namespace) -> int:
     import asyncio
 
-    from daemon.app import serve
     from daemon.config import load_daemon_settings
     from daemon.jack_server import PrivateJackServer, private_jack_wanted
+    from daemon.runner import serve
 
     config = args.config
     if config is None and DEFAULT_CONFIG.is_file():

@@ -1,8 +1,8 @@
-"""The daemon's configuration: config.toml's [daemon], [midi], [clock], [osc] and [mqtt].
+"""The daemon's configuration: config.toml's [daemon], [midi], [clock], [osc], [mqtt] and [cc].
 
 Read and validated once at start (`load_daemon_settings`); an error names the key and what is
 allowed. `[daemon]` is `DaemonConfig` here; the other sections belong to the modules that use
-them (`MidiConfig`, `ClockConfig`, `OscConfig`, `MqttConfig`). The live controls start from
+them (`MidiConfig`, `ClockConfig`, `OscConfig`, `MqttConfig`, `CcConfig`). The live controls start from
 `[daemon]` (and the clock's tempo) and are checked by the same rules as OSC messages, so a
 value the config accepts is one OSC accepts too.
 """
@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from daemon.cc_map import CcConfig
 from daemon.clock import ClockConfig
 from daemon.controls import ControlError, Controls, check_value
 from daemon.midi_ports import MidiConfig
 from daemon.mqtt_bridge import MqttConfig
 from daemon.osc_server import OscConfig
+from daemon.output_latency import check_against_lead
 from model.settings import ConfigError, check_range, load_section, read_config
 
 DEFAULT_CHECKPOINT = "checkpoints/default.safetensors"
@@ -90,10 +92,12 @@ class DaemonSettings:
     clock: ClockConfig = field(default_factory=ClockConfig)
     osc: OscConfig = field(default_factory=OscConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    cc: CcConfig = field(default_factory=CcConfig)
 
     def __post_init__(self) -> None:
         # The clock accepts a wider range than the live tempo control; the start must fit both.
         _check_control("clock.tempo", "tempo", self.clock.tempo)
+        check_against_lead(self.midi.output_latency, self.daemon.lead_ms)
 
     def initial_controls(self) -> Controls:
         """The live controls at start."""
@@ -131,4 +135,5 @@ def load_daemon_settings(
         clock=load_section(ClockConfig, table, "clock"),
         osc=load_section(OscConfig, table, "osc"),
         mqtt=load_section(MqttConfig, table, "mqtt"),
+        cc=load_section(CcConfig, table, "cc"),
     )

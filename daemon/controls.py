@@ -24,6 +24,13 @@ MAX_STRING = 1024
 MAX_PAYLOAD = 4096
 
 MODES = ("call_response", "autopilot", "manual", "off")
+# What a MIDI control change can steer (daemon.cc_map): controls it sets, then actions it fires.
+CC_CONTROLS = ("temperature", "top_p", "length", "silence_beats", "mode")
+CC_ACTIONS = ("trigger", "reset", "panic", "stop", "next_mode")
+CC_TARGETS = CC_CONTROLS + CC_ACTIONS
+# Significant digits kept of a float control: OSC floats are 32-bit (7 digits), so 0.7 arrives as
+# 0.699999988079071; six digits give back what the musician set, in status, MQTT and the log.
+FLOAT_DIGITS = 6
 ParamKind = Literal["float", "int", "choice"]
 
 
@@ -128,6 +135,41 @@ class Panic:
 
 
 @dataclass(frozen=True)
+class StopAnswer:
+    """Stop the answer now (note-offs for what sounds); the mode stays as it is."""
+
+
+@dataclass(frozen=True)
+class Learn:
+    """MIDI learn: bind the next control change on the input to `target` (one of CC_TARGETS)."""
+
+    target: str
+
+
+@dataclass(frozen=True)
+class Unlearn:
+    """Remove the control change bound to `target` (learned or configured); cancels its learn."""
+
+    target: str
+
+
+@dataclass(frozen=True)
+class Subscribe:
+    """Send note and status events to `port` on `host` (the OSC sender's address) for a while."""
+
+    port: int
+    host: str | None = None  # filled in by the OSC server from the sender
+
+
+@dataclass(frozen=True)
+class Unsubscribe:
+    """Stop sending events to `port` on `host`."""
+
+    port: int
+    host: str | None = None
+
+
+@dataclass(frozen=True)
 class Reload:
     """Load a checkpoint (`path`; None: the one in use) and swap it in at a bar boundary.
 
@@ -152,17 +194,23 @@ class Status:
     """Ask for the current values; the handler answers with a dict."""
 
 
-Command = SetParam | Trigger | Reset | Panic | Reload | Style | Status
+Command = (
+    SetParam | Trigger | Reset | Panic | StopAnswer | Reload | Style | Status
+    | Learn | Unlearn | Subscribe | Unsubscribe
+)
 
 _ACTIONS: dict[str, type[Command]] = {
     "trigger": Trigger,
     "reset": Reset,
     "panic": Panic,
+    "stop": StopAnswer,
     "status": Status,
 }
+_TARGETED: dict[str, type[Learn] | type[Unlearn]] = {"learn": Learn, "unlearn": Unlearn}
+_PORTED: dict[str, type[Subscribe] | type[Unsubscribe]] = {"subscribe": Subscribe, "unsubscribe": Unsubscribe}
 
 # Every address tail parse_command understands, in the order the docs list them.
-ADDRESSES: tuple[str, ...] = (*PARAMS, *_ACTIONS, "reload", "style")
+ADDRESSES: tuple[str, ...] = (*PARAMS, *_ACTIONS, "reload", "style", *_TARGETED, *_PORTED)
 
 
 def check_value(name: str, value: Any) -> float | int | str:
@@ -191,15 +239,16 @@ def check_value(name: str, value: Any) -> float | int | str:
     # Compared before any int -> float conversion, which overflows for huge ints.
     if not (spec.low <= value <= spec.high):
         raise ControlError(f"{name} must be {spec.describe()} (got {_fmt(value)})")
-    return float(value) if spec.kind == "float" else value
+    return float(f"{value:.{FLOAT_DIGITS}g}") if spec.kind == "float" else value
 
 
 def parse_command(address_tail: str, args: tuple[Any, ...] | list[Any]) -> Command:
     """Turn an address tail (`"temperature"`, no prefix, no slash) and its arguments into a Command.
 
-    Controls take exactly one argument; trigger, reset, panic and status take none; reload
-    takes none or one non-empty path string; style none (list the styles) or one name.
-    Raises ControlError(reason) for anything else.
+    Controls take exactly one argument; trigger, reset, panic, stop and status take none; reload
+    takes none or one non-empty path string; style none (list the styles) or one name; learn and
+    unlearn one of CC_TARGETS; subscribe and unsubscribe one UDP port. Raises ControlError(reason)
+    for anything else.
     """
     args = tuple(args)
     if address_tail in PARAMS:
@@ -222,6 +271,20 @@ def parse_command(address_tail: str, args: tuple[Any, ...] | list[Any]) -> Comma
         if len(args) > 1:
             raise ControlError(f"style takes 0 or 1 argument (got {len(args)})")
         return Style(check_style_name(args[0]) if args else None)
+    if address_tail in _TARGETED:
+        if len(args) != 1:
+            raise ControlError(f"{address_tail} takes 1 argument, the control or action (got {len(args)})")
+        target = args[0]
+        if not isinstance(target, str) or target not in CC_TARGETS:
+            raise ControlError(f"{address_tail} takes one of {', '.join(CC_TARGETS)} (got {_short(target)})")
+        return _TARGETED[address_tail](target)
+    if address_tail in _PORTED:
+        if len(args) != 1:
+            raise ControlError(f"{address_tail} takes 1 argument, the UDP port to send to (got {len(args)})")
+        port = args[0]
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ControlError(f"{address_tail} port must be an integer between 1 and 65535 (got {_short(port)})")
+        return _PORTED[address_tail](port)
     raise ControlError(f"unknown address {_short(address_tail)}")
 
 

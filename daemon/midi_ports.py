@@ -66,7 +66,7 @@ and dropped; nothing raised while handling a message escapes the reader thread.
 The input channel filter applies to channel messages only; clock and transport always pass.
 MIDI thru (optional) copies the raw bytes of every well-formed channel message that passes the
 filter to the output port, from the reader thread (not system messages, so an external clock
-is never echoed back to its source).
+is never echoed back to its source, and not the control changes the daemon consumes itself).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -107,6 +107,7 @@ from daemon.midi_events import (
     channel_of,
     decode,
 )
+from daemon.output_latency import OutputLatency
 from model.settings import ConfigError
 
 log = logging.getLogger(__name__)
@@ -156,8 +157,10 @@ class MidiConfig:
     connect_in / connect_out: connect to an existing port instead, by name (exact, else the
         first port whose name contains it, case-insensitive); needed on Windows (loopMIDI).
     in_channels: channels 1-16 accepted on input; empty = all.
-    thru: copy accepted channel messages from the input to the output.
+    thru: copy accepted channel messages from the input to the output (not the control changes
+        the daemon takes for itself, daemon.cc_map).
     queue_size: bound of the incoming event queue (oldest dropped on overflow).
+    output_latency_ms / output_latency_soft_ms: send notes this much earlier (daemon.output_latency).
     """
 
     api: ApiName = "auto"
@@ -168,6 +171,8 @@ class MidiConfig:
     in_channels: list[int] = field(default_factory=list)
     thru: bool = False
     queue_size: int = 1024
+    output_latency_ms: float = 0.0
+    output_latency_soft_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.api not in ("auto", *API_BY_NAME):
@@ -177,6 +182,11 @@ class MidiConfig:
                 raise ConfigError(f"midi.in_channels: {ch!r} is not a MIDI channel 1-16")
         if not 16 <= self.queue_size <= 1_000_000:
             raise ConfigError(f"midi.queue_size = {self.queue_size!r}: must be between 16 and 1000000")
+        self.output_latency  # noqa: B018 - checks both latency keys
+
+    @property
+    def output_latency(self) -> OutputLatency:
+        return OutputLatency(self.output_latency_ms, self.output_latency_soft_ms)
 
     @property
     def channel_filter(self) -> frozenset[int] | None:
@@ -346,8 +356,11 @@ class MidiPorts:
     MidiPortError. `send` is thread-safe (the scheduler thread and thru share the output).
     """
 
-    def __init__(self, config: MidiConfig):
+    def __init__(self, config: MidiConfig, *, consumes: Callable[[int, int], bool] | None = None):
+        """`consumes(channel, control)`: control changes the daemon takes for itself, which thru
+        does not copy (called on the reader thread; must not block)."""
         self.config = config
+        self._consumes = consumes
         self._channels = config.channel_filter
         self._stats = MidiInputStats()
         self._stamper = ArrivalStamper()
@@ -681,7 +694,7 @@ class MidiPorts:
                 if self._channels is not None and channel not in self._channels:
                     stats.filtered += 1
                     return
-                if self.config.thru and self._midi_out is not None:
+                if self.config.thru and self._midi_out is not None and not self._consumed(data):
                     self.send(data)
                     stats.thru += 1
             if event is None:
@@ -701,6 +714,10 @@ class MidiPorts:
             # Closing loop (RuntimeError), output failure in thru: count, log, keep going.
             stats.errors += 1
             log.exception("handling MIDI input failed (%d errors so far)", stats.errors)
+
+    def _consumed(self, data: Sequence[int]) -> bool:
+        consumes = self._consumes
+        return consumes is not None and data[0] & 0xF0 == 0xB0 and consumes(data[0] & 0x0F, data[1])
 
     def _on_error(self, error_type: int, message: str, _data: object = None) -> None:
         """rtmidi's error callback, on any thread: warnings are logged, errors end the stream."""

@@ -10,6 +10,7 @@ and checking live in daemon.controls; this module only moves datagrams.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -23,7 +24,16 @@ from pythonosc.osc_message_builder import OscMessageBuilder
 from pythonosc.osc_packet import OscPacket
 from pythonosc.parsing import osc_types
 
-from daemon.controls import Command, ControlError, NoReplyError, Status, Style, parse_command
+from daemon.controls import (
+    Command,
+    ControlError,
+    NoReplyError,
+    Status,
+    Style,
+    Subscribe,
+    Unsubscribe,
+    parse_command,
+)
 from daemon.errors import DaemonError
 from model.settings import ConfigError, check_range
 
@@ -218,6 +228,8 @@ class OscServer:
         except ControlError as err:
             self._reply_error(address, err.reason, sender)
             return
+        if isinstance(command, (Subscribe, Unsubscribe)):
+            command = dataclasses.replace(command, host=sender[0])  # events go back to the sender
         try:
             result = await self._execute(command)
         except DaemonError as err:
@@ -241,10 +253,15 @@ class OscServer:
         log.debug("OSC %s refused: %s", address, reason)
         self._send(f"{self.prefix}/error", [address, reason], sender)
 
-    def _send(self, address: str, args: Sequence[Any], sender: tuple[str, int]) -> None:
+    def send_to(self, address: str, args: Sequence[Any], target: tuple[str, int]) -> None:
+        """Send one OSC message from the server's socket to `target` (subscribers); never blocks:
+        a datagram the kernel cannot take now is dropped."""
+        self._send(address, args, target, exact=True)
+
+    def _send(self, address: str, args: Sequence[Any], sender: tuple[str, int], *, exact: bool = False) -> None:
         if self._transport is None or self._transport.is_closing():
             return
-        target = (sender[0], self.reply_port or sender[1])
+        target = sender if exact else (sender[0], self.reply_port or sender[1])
         try:
             datagram = build_message(address, args)
         except Exception as err:  # noqa: BLE001 - e.g. a status int beyond 64 bits
@@ -286,10 +303,16 @@ def status_arguments(values: Mapping[str, Any]) -> list[Any]:
 
 
 def status_values(args: Sequence[Any]) -> dict[str, Any]:
-    """Inverse of `status_arguments` for a reply's arguments (JSON strings stay strings)."""
+    """Inverse of `status_arguments` for a reply's arguments (JSON strings stay strings, floats
+    are read back to the 7 significant digits a 32-bit OSC float holds)."""
     if len(args) % 2:
         raise ValueError("status reply has an odd number of arguments")
-    return {str(args[i]): args[i + 1] for i in range(0, len(args), 2)}
+    return {str(args[i]): _as_sent(args[i + 1]) for i in range(0, len(args), 2)}
+
+
+def _as_sent(value: Any) -> Any:
+    """A float as the daemon had it: OSC `f` is 32-bit, 7 significant digits (0.7, not 0.699999988)."""
+    return float(f"{value:.7g}") if isinstance(value, float) else value
 
 
 def build_message(address: str, args: Sequence[Any]) -> bytes:

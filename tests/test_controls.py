@@ -126,7 +126,11 @@ def test_parse_command_rejects(tail, args, reason):
 def test_parse_command_knows_every_documented_address():
     for tail in ADDRESSES:
         spec = PARAMS.get(tail)
-        if spec is None:
+        if tail in ("learn", "unlearn"):
+            parse_command(tail, ("temperature",))
+        elif tail in ("subscribe", "unsubscribe"):
+            parse_command(tail, (9001,))
+        elif spec is None:
             parse_command(tail, ())
         elif spec.kind == "choice":
             parse_command(tail, (spec.choices[0],))
@@ -140,7 +144,7 @@ def test_parse_command_float_accepted_exactly_when_in_range(value):
     spec = PARAMS["temperature"]
     inside = math.isfinite(value) and spec.low <= value <= spec.high
     if inside:
-        assert parse_command("temperature", (value,)) == SetParam("temperature", value)
+        assert parse_command("temperature", (value,)) == SetParam("temperature", float(f"{value:.6g}"))
     else:
         with pytest.raises(ControlError):
             parse_command("temperature", (value,))
@@ -264,3 +268,30 @@ def test_parse_announcement_rejects_malformed(payload, reason):
 
 def test_modes_match_the_mode_param():
     assert PARAMS["mode"].choices == MODES
+
+
+def test_parse_command_float32_temperature_reads_as_set():
+    """OSC floats are 32-bit: 0.7 arrives as 0.699999988079071 and must show as 0.7."""
+    import struct
+
+    as_sent = struct.unpack(">f", struct.pack(">f", 0.7))[0]
+    assert as_sent != 0.7
+    assert parse_command("temperature", (as_sent,)) == SetParam("temperature", 0.7)
+    assert parse_command("top_p", (struct.unpack(">f", struct.pack(">f", 0.93))[0],)).value == 0.93
+
+
+@pytest.mark.parametrize(
+    ("tail", "args", "reason"),
+    [
+        ("learn", (), "learn takes 1 argument"),
+        ("learn", ("volume",), "learn takes one of temperature, top_p"),
+        ("unlearn", (3,), "unlearn takes one of"),
+        ("subscribe", (), "subscribe takes 1 argument"),
+        ("subscribe", (0,), "port must be an integer between 1 and 65535 (got 0)"),
+        ("subscribe", (9001.0,), "port must be an integer"),
+        ("stop", (1,), "stop takes no arguments"),
+    ],
+)
+def test_parse_command_learn_and_subscribe_refuse_bad_arguments(tail, args, reason):
+    with pytest.raises(ControlError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        parse_command(tail, args)

@@ -20,10 +20,11 @@ from typing import Any
 
 import pytest
 
-from daemon.app import BackgroundDaemon, Daemon
+from daemon.app import Daemon
 from daemon.config import DaemonSettings, load_daemon_settings
 from daemon.midi_events import ALL_NOTES_OFF, note_off, note_on
 from daemon.osc_server import send_and_wait, status_values
+from daemon.runner import BackgroundDaemon
 from daemon.scheduler import OutputScheduler
 from tests.fixtures.jack import JackMidiRecorder, JackMidiSender, JackServer, unique_client_name
 from tools.cli import main as cli_main
@@ -62,6 +63,7 @@ def daemon_settings(checkpoint: Path, *overrides: str) -> DaemonSettings:
         f"clock.tempo={TEMPO}",
         "daemon.seed=7",
         "daemon.watch=false",
+        'cc.learn_file=""',  # never the user's learned CC map
     ]
     return load_daemon_settings(None, [*base, *overrides], checkpoint=checkpoint)
 

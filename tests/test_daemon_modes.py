@@ -249,6 +249,7 @@ def test_config_toml_documents_every_daemon_key_with_its_default():
 
     import tomllib
 
+    from daemon.cc_map import CcConfig
     from daemon.clock import ClockConfig
     from daemon.midi_ports import MidiConfig
     from daemon.mqtt_bridge import MqttConfig
@@ -256,6 +257,6 @@ def test_config_toml_documents_every_daemon_key_with_its_default():
 
     table = tomllib.loads((Path(__file__).parents[1] / "config.toml").read_text())
     for section, cls in [("daemon", DaemonConfig), ("midi", MidiConfig), ("clock", ClockConfig),
-                         ("osc", OscConfig), ("mqtt", MqttConfig)]:
+                         ("osc", OscConfig), ("mqtt", MqttConfig), ("cc", CcConfig)]:
         defaults = dataclasses.asdict(cls())
         assert table[section] == defaults, section

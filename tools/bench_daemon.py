@@ -12,6 +12,13 @@ the recorder's own interpreter lock waits do not count. Reported:
   whole generation time; notes dropped as too late;
 - the time to feed one bar of tokens to the engine (its model step per token, the state kept).
 
+With --watcher on, `rwkv-music watch` runs beside it (another process, drawing every frame as
+for a terminal, into /dev/null) subscribed to the daemon's note and status events; --watcher
+both measures without and then with it, one run after the other; --watcher interleaved runs
+once and takes the watcher away and back every INTERLEAVE_BARS bars (paused with SIGSTOP and
+unsubscribed, then subscribed and resumed), so that both figures come from the same minutes of a
+shared machine's load: the output timing is split by the time each message was due.
+
 It needs JACK: it uses the server JACK_DEFAULT_SERVER names when one runs, else starts a
 private dummy server (-r 48000 -p 32, a 0.67 ms period). The figures include JACK's delivery
 (up to one period). Compare figures taken on the same machine.
@@ -23,6 +30,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +46,7 @@ EPILOG = """examples:
   rwkv-music bench daemon --random L6-D256 --bars 16   # a random model of the default's size
   rwkv-music bench daemon --checkpoint runs/mine/latest.safetensors --json
   rwkv-music bench daemon --phrase examples/satie-gymnopedie-1.mid --bars 64   # answers to a piano phrase
+  rwkv-music bench daemon --bars 32 --watcher interleaved  # does a subscribed `rwkv-music watch` slow the output?
 """
 
 
@@ -57,11 +66,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--phrase", type=Path, metavar="MIDI",
                    help="call-and-response: play this file's first --phrase-bars bars, answer, repeat")
     p.add_argument("--phrase-bars", type=int, default=2, help="bars of the phrase to play (default 2)")
+    p.add_argument("--watcher", choices=("off", "on", "both", "interleaved"), default="off",
+                   help="run `rwkv-music watch` subscribed to the daemon: off (default), on, both (a run "
+                   "without, then one with) or interleaved (one run, the watcher away every other "
+                   f"{INTERLEAVE_BARS} bars); both and interleaved print the difference")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(run=run)
 
 
 FIRST_NOTE_LATE_MS = 5.0
+INTERLEAVE_BARS = 2
 
 
 @dataclass
@@ -71,6 +85,7 @@ class DaemonBenchResult:
     tempo: float
     bars: int
     mode: str  # "autopilot", or the phrase answered
+    watcher: bool  # a `rwkv-music watch` was subscribed
     messages: int  # output messages measured
     error_p50_ms: float
     error_p99_ms: float
@@ -104,14 +119,28 @@ def run(args: argparse.Namespace) -> int:
         phrase = read_phrase(args.phrase, args.phrase_bars)
         if args.bars < phrase.bars + args.length + 2:
             raise UserError(f"--bars must hold at least one phrase and its answer ({phrase.bars + args.length + 2})")
+    runs = {"off": ["off"], "on": ["on"], "both": ["off", "on"], "interleaved": ["interleaved"]}[args.watcher]
+    results = []
     with tempfile.TemporaryDirectory(prefix="rwkv-bench-daemon-") as tmp:
         checkpoint = _checkpoint(args, Path(tmp))
         with ensure_jack_server(log_path=Path(tmp) / "jackd.log"):
-            result = measure(checkpoint, bars=args.bars, tempo=args.tempo, length=args.length, phrase=phrase)
+            for watcher in runs:
+                results += measure(checkpoint, bars=args.bars, tempo=args.tempo, length=args.length,
+                                   phrase=phrase, watcher=watcher)
     if args.json:
-        print(json.dumps(asdict(result), indent=2))
-    else:
+        print(json.dumps([asdict(r) for r in results] if len(results) > 1 else asdict(results[0]), indent=2))
+        return 0
+    for result in results:
         _print(result)
+    if len(results) == 2:
+        without, with_ = results
+        if args.watcher == "interleaved":  # one run: the hand-over figures are the whole run's
+            print(f"watcher's cost (interleaved every {INTERLEAVE_BARS} bars): output p99 "
+                  f"{with_.error_p99_ms - without.error_p99_ms:+.2f} ms, "
+                  f"p50 {with_.error_p50_ms - without.error_p50_ms:+.2f} ms")
+        else:
+            print(f"watcher's cost: output p99 {with_.error_p99_ms - without.error_p99_ms:+.2f} ms, "
+                  f"scheduler hand-over p99 {with_.handover_p99_ms - without.handover_p99_ms:+.2f} ms")
     return 0
 
 
@@ -149,12 +178,14 @@ def random_checkpoint(size: str, path: Path) -> Path:
     return path
 
 
-def measure(checkpoint: Path, *, bars: int, tempo: float, length: int, phrase=None) -> DaemonBenchResult:
+def measure(checkpoint: Path, *, bars: int, tempo: float, length: int, phrase=None,
+            watcher: str = "off") -> list[DaemonBenchResult]:
     """Run the daemon for `bars` bars and measure (needs a running JACK server): in autopilot, or
-    answering `phrase` (a tools.demo.Phrase) played again and again when one is given."""
-    from daemon.app import BackgroundDaemon
+    answering `phrase` (a tools.demo.Phrase) played again and again when one is given. `watcher`:
+    "off", "on" (a `rwkv-music watch` subscribed all along): one result; "interleaved" (the
+    watcher there in every other INTERLEAVE_BARS bars): the result without it, then with it."""
     from daemon.config import load_daemon_settings
-    from tools.bench import machine_description
+    from daemon.runner import BackgroundDaemon
     from tools.soak import SoakPeer
 
     tag = f"{os.getpid()}-{time.monotonic_ns() % 1_000_000}"
@@ -163,7 +194,7 @@ def measure(checkpoint: Path, *, bars: int, tempo: float, length: int, phrase=No
     settings = load_daemon_settings(None, [
         "midi.api=jack", f'midi.in_port="{in_port}"', f'midi.out_port="{out_port}"', "osc.port=0",
         f"clock.tempo={tempo}", *mode, f"daemon.length_bars={length}",
-        "daemon.watch=false", "daemon.seed=1",
+        "daemon.watch=false", "daemon.seed=1", 'cc.learn_file=""',
     ], checkpoint=checkpoint)
     program = "from daemon.scheduler import record_arrivals_main; record_arrivals_main()"
     with BackgroundDaemon(settings) as background:
@@ -174,6 +205,7 @@ def measure(checkpoint: Path, *, bars: int, tempo: float, length: int, phrase=No
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
         assert receiver.stdin is not None and receiver.stdout is not None
+        watch = start_watcher(background) if watcher != "off" else None
         try:
             if receiver.stdout.readline().strip() != "ready":
                 raise RuntimeError("the recording client could not connect to the daemon's output")
@@ -185,6 +217,9 @@ def measure(checkpoint: Path, *, bars: int, tempo: float, length: int, phrase=No
             if phrase is not None:
                 player = SoakPeer(f"bench-player-{tag}", f"{in_port}:{in_port}", f"{out_port}:{out_port}")
                 player.play(phrase_messages(clock, phrase, start_bar + 1, start_bar + bars, length))
+            if watcher == "interleaved":
+                assert watch is not None
+                interleave_watcher(background, watch, clock, start_bar, bars)
             time.sleep(max(0.0, clock.time_at(end_beat) - time.perf_counter()) + 0.3)
             if player is not None:
                 player.close()
@@ -196,13 +231,36 @@ def measure(checkpoint: Path, *, bars: int, tempo: float, length: int, phrase=No
                 receiver.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 receiver.kill()
+            if watch is not None:
+                watch.send_signal(signal.SIGCONT)
+                watch.terminate()
+                watch.wait(timeout=10)
         records = background.call(lambda: list(daemon.recent_answers))
         stats = background.call(lambda: daemon.stats)
         handover = sorted(abs(x) * 1000.0 for x in daemon.scheduler.recent_lateness())
-        errors = match_errors(arrivals, [item for r in records for item in r.scheduled])
+        timed_errors = match_errors_at(arrivals, [item for r in records for item in r.scheduled])
         model_id = daemon.model_id
         engine_meta = daemon.engine.meta if daemon.engine is not None else None
     feed_ms, tokens_per_bar = feed_bar_times(checkpoint)
+    if watcher == "interleaved":
+        with_watcher = {True: [], False: []}
+        for due, error in timed_errors:
+            segment = (clock.bar_index(clock.beat_at(due)) - start_bar) // INTERLEAVE_BARS
+            with_watcher[segment % 2 == 1].append(error)
+        splits = [(False, with_watcher[False]), (True, with_watcher[True])]
+    else:
+        splits = [(watcher == "on", [error for _, error in timed_errors])]
+    return [
+        _result(records, stats, arrivals, errors, handover, model_id, engine_meta, feed_ms, tokens_per_bar,
+                tempo=tempo, bars=bars, phrase=phrase, watcher=watched)
+        for watched, errors in splits
+    ]
+
+
+def _result(records, stats, arrivals, errors, handover, model_id, engine_meta, feed_ms, tokens_per_bar, *,
+            tempo: float, bars: int, phrase, watcher: bool) -> DaemonBenchResult:
+    from tools.bench import machine_description
+
     errors.sort()
     ready = sorted(r.ready_before_bar_ms for r in records if r.ready_before_bar_ms is not None)
     generation = [r.generation_ms for r in records]
@@ -214,6 +272,7 @@ def measure(checkpoint: Path, *, bars: int, tempo: float, length: int, phrase=No
         tempo=tempo,
         bars=bars,
         mode="autopilot" if phrase is None else f"answering {phrase.path.name} ({phrase.bars} bars, {phrase.meter})",
+        watcher=watcher,
         messages=len(errors),
         error_p50_ms=_percentile(errors, 0.5),
         error_p99_ms=_percentile(errors, 0.99),
@@ -231,6 +290,39 @@ def measure(checkpoint: Path, *, bars: int, tempo: float, length: int, phrase=No
         feed_bar_max_ms=max(feed_ms),
         tokens_per_bar=tokens_per_bar,
     )
+
+
+def interleave_watcher(background, watch: subprocess.Popen, clock, start_bar: int, bars: int) -> None:
+    """Until the last bar: every INTERLEAVE_BARS bars, take the watcher away (unsubscribed, its
+    process paused) or bring it back (subscribed, resumed); it starts away."""
+    daemon = background.daemon
+    address = background.call(lambda: daemon.subscribers.addresses[0])
+    for index, bar in enumerate(range(start_bar, start_bar + bars, INTERLEAVE_BARS)):
+        time.sleep(max(0.0, clock.time_at(clock.bar_start_beat(bar)) - time.perf_counter()))
+        if index % 2 == 0:
+            background.call(daemon.subscribers.unsubscribe, *address)
+            watch.send_signal(signal.SIGSTOP)
+        else:
+            background.call(daemon.subscribers.subscribe, *address)
+            watch.send_signal(signal.SIGCONT)
+
+
+def start_watcher(background) -> subprocess.Popen:
+    """`rwkv-music watch` on the daemon, drawing every frame as on a 120x50 terminal into
+    /dev/null; returns once the daemon counts it as a subscriber."""
+    daemon = background.daemon
+    env = {**os.environ, "FORCE_COLOR": "1", "COLUMNS": "120", "LINES": "50", "TERM": "xterm-256color"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tools", "watch", "--port", str(daemon.osc_address[1])],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )
+    deadline = time.monotonic() + 20.0
+    while not background.call(lambda: len(daemon.subscribers or ())):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("`rwkv-music watch` did not subscribe to the daemon")
+        time.sleep(0.1)
+    return process
 
 
 def phrase_messages(clock, phrase, first_bar: int, end_bar: int, length: int) -> list[tuple[float, list[int]]]:
@@ -260,6 +352,11 @@ def first_note_lateness(arrivals: list[list], records) -> list[float]:
 def match_errors(arrivals: list[list], scheduled: list[tuple[float, tuple[int, ...]]]) -> list[float]:
     """|arrival - due| in ms of every received message matched to the message the daemon
     scheduled with the same bytes and the closest due time (within half a second)."""
+    return [error for _, error in match_errors_at(arrivals, scheduled)]
+
+
+def match_errors_at(arrivals: list[list], scheduled: list[tuple[float, tuple[int, ...]]]) -> list[tuple[float, float]]:
+    """`match_errors` with the due time (perf_counter seconds) of each matched message."""
     by_bytes: dict[tuple[int, ...], list[float]] = {}
     for due, message in scheduled:
         by_bytes.setdefault(tuple(message), []).append(due)
@@ -270,7 +367,8 @@ def match_errors(arrivals: list[list], scheduled: list[tuple[float, tuple[int, .
             continue  # the closing note-offs and All Notes Off were never scheduled
         best = min(range(len(dues)), key=lambda i: abs(dues[i] - t))
         if abs(dues[best] - t) < 0.5:
-            errors.append(abs(t - dues.pop(best)) * 1000.0)
+            due = dues.pop(best)
+            errors.append((due, abs(t - due) * 1000.0))
     return errors
 
 
@@ -313,7 +411,8 @@ def _print(r: DaemonBenchResult) -> None:
         return "n/a" if value is None else f"{value:.1f} ms"
 
     print(f"machine: {r.machine}")
-    print(f"model:   {r.model}, {r.tempo:g} BPM, {r.bars} bars, {r.mode}")
+    print(f"model:   {r.model}, {r.tempo:g} BPM, {r.bars} bars, {r.mode}"
+          f"{', rwkv-music watch subscribed' if r.watcher else ''}")
     print(f"output timing ({r.messages} messages vs their grid times, through JACK): "
           f"p50 {r.error_p50_ms:.2f} ms, p99 {r.error_p99_ms:.2f} ms, max {r.error_max_ms:.2f} ms")
     print(f"  of which the scheduler (due time -> handed to rtmidi): p50 {r.handover_p50_ms:.2f} ms, "

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "train.tune",
     "daemon.cli",
     "tools.osc_cli",
+    "tools.watch",
     "tools.ports_cli",
     "tools.complete",
     "tools.evaluate",
@@ -36,6 +37,7 @@ EPILOG = """examples:
   rwkv-music train --data data/prepared --out runs/mine
   rwkv-music complete song.mid out.mid --bars 4 --variations 4 --png out.png
   rwkv-music demo                               # the daemon answering a piano phrase, end to end
+  rwkv-music watch                              # a live view of a running daemon
   rwkv-music bench step                         # our RWKV7.step against the rwkv package
   rwkv-music export checkpoints/default.safetensors out.pth
 """

@@ -43,9 +43,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import mido
 
-    from daemon.app import AnswerRecord, BackgroundDaemon, Daemon
+    from daemon.app import AnswerRecord, Daemon
     from daemon.clock import Clock
     from daemon.midi_events import MidiBytes
+    from daemon.runner import BackgroundDaemon
 
 log = logging.getLogger(__name__)
 
@@ -241,8 +242,8 @@ def _perform_on_jack(
 ) -> Performance:
     import rtmidi
 
-    from daemon.app import BackgroundDaemon
     from daemon.config import load_daemon_settings
+    from daemon.runner import BackgroundDaemon
     from daemon.scheduler import OutputScheduler
     from tools.cli import UserError
 

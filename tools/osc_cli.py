@@ -18,10 +18,13 @@ EPILOG = """examples:
   rwkv-music osc trigger
   rwkv-music osc reload runs/mine/step-0001200.safetensors
   rwkv-music osc --port 9001 status --json
+  rwkv-music osc learn temperature            # then move a knob: it steers the temperature from now on
+  rwkv-music osc unlearn temperature
 
 Arguments are sent as OSC int when they parse as an integer, float when they parse as a
 number, else as a string; prefix one with i:, f: or s: to choose. Exit status: 0 for an ack
-or a status reply, 1 when the daemon answers with an error, 2 when nothing answers.
+or a status reply, 1 when the daemon answers with an error, 2 when nothing answers. `learn`
+waits (up to --learn-wait seconds) for the control to be moved and prints the binding.
 Host, port and prefix default to config.toml's [osc] section when that file exists.
 """
 
@@ -42,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, help=f"config.toml for the defaults (default: {DEFAULT_CONFIG} if present)")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the reply (default 2)")
     p.add_argument("--json", action="store_true", help="print the reply as JSON")
+    p.add_argument("--learn-wait", type=float, default=30.0,
+                   help="seconds `learn` waits for a control to be moved (default 30; 0 = do not wait)")
     p.set_defaults(run=run_osc)
 
 
@@ -95,4 +100,28 @@ def run_osc(args: argparse.Namespace) -> int:
         reason = reply_args[1] if len(reply_args) > 1 else "refused"
         print(f"rwkv-music: the daemon refused {address}: {reason}", file=sys.stderr)
         return 1
+    if address == f"{prefix}/learn" and args.learn_wait > 0:
+        return _wait_for_learn(host, port, prefix, str(values[0]), args)
     return 0
+
+
+def _wait_for_learn(host: str, port: int, prefix: str, target: str, args: argparse.Namespace) -> int:
+    """After `/learn`: poll the status until the daemon bound a control change to `target`."""
+    import time
+
+    from daemon.osc_server import send_and_wait, status_values
+    from tools.cli import UserError
+
+    print(f"move the control that should steer {target} ...", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + args.learn_wait
+    while time.monotonic() < deadline:
+        _, reply_args = send_and_wait(host, port, f"{prefix}/status", [], timeout=args.timeout)
+        status = status_values(reply_args)
+        if status.get("cc_learning") != target:
+            binding = json.loads(status.get("cc") or "{}").get(target)
+            if binding is None:
+                raise UserError(f"learning {target} was cancelled")
+            print(f"{target} <- {binding}")
+            return 0
+        time.sleep(0.1)
+    raise UserError(f"no control change arrived within {args.learn_wait:g} s; {target} is still waiting for one")

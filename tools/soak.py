@@ -162,9 +162,9 @@ def run(args: argparse.Namespace) -> int:
 def soak(checkpoint: Path, *, minutes: float, window_minutes: float, warmup_minutes: float, tempo: float,
          length: int, phrase_every: int) -> SoakResult:
     """Run the daemon for `minutes` and measure (needs a running JACK server)."""
-    from daemon.app import BackgroundDaemon
     from daemon.config import load_daemon_settings
     from daemon.osc_server import send_and_wait
+    from daemon.runner import BackgroundDaemon
     from tools.bench import machine_description
 
     tag = f"{os.getpid()}-{time.monotonic_ns() % 1_000_000}"
