@@ -49,6 +49,9 @@ INPUT_SUFFIXES = frozenset({".mid", ".midi", ".abc"})
 SUMMARY_FILE = "prepare.json"
 CACHE_DIR = "cache"
 ABC_TUNE_SEPARATOR = "#"  # piece name of tune i of a.abc: "a.abc#i"
+# Up to this many files to tokenize, `jobs=None` uses no worker processes (each would import
+# miditok and torch first, seconds of start-up for a moment's work).
+IN_PROCESS_FILES = 16
 
 
 @dataclass(frozen=True)
@@ -559,7 +562,9 @@ def _tokenize_all(
 
     if not todo:
         return
-    workers = max(1, min(jobs if jobs is not None else (os.cpu_count() or 1), len(todo)))
+    if jobs is None:  # a few files are tokenized sooner here than by starting worker processes
+        jobs = 1 if len(todo) <= IN_PROCESS_FILES else (os.cpu_count() or 1)
+    workers = max(1, min(jobs, len(todo)))
     bar = tqdm(total=len(todo), desc="prepare", unit="file", disable=not progress, dynamic_ncols=True)
     try:
         if workers == 1:
@@ -621,7 +626,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="JSON file (or inline JSON object) overriding model.vocab's default tokenizer params",
     )
     parser.add_argument(
-        "--jobs", type=int, default=None, metavar="J", help="worker processes (default: cores)"
+        "--jobs", type=int, default=None, metavar="J",
+        help=f"worker processes (default: cores; none for {IN_PROCESS_FILES} files or fewer)"
     )
     parser.add_argument("--val-fraction", type=float, default=0.05, metavar="F", help="default 0.05")
     parser.add_argument("--test-fraction", type=float, default=0.05, metavar="F", help="default 0.05")

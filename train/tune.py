@@ -6,15 +6,17 @@ directory (nothing is ever written into MIDI_DIR; a file that cannot be read is 
 counted), some pieces are held out for validation when there are enough, and one of three
 methods trains within a wall-clock budget:
 
+  lora   (the default) low-rank updates of the time mix's r/k/v/output and the channel mix's
+         projections, merged into the weights when saved (same file size as the base).
   state  only the initial recurrent State (every layer's WKV matrices and token-shift vectors),
          the network's weights untouched; the tuned file is the base weights plus that State,
          and `init_state()` returns it. The conversation starts "already in the style".
-  lora   low-rank updates of the time mix's r/k/v/output and the channel mix's projections,
-         merged into the weights when saved (same file size as the base).
   full   every weight, with a small learning rate.
 
 Training windows start at random bar lines of the pieces (tempo and meter restated, as in
-`train`), transposed and tempo-jittered a little. The validation NLL per note is measured
+`train`), transposed and tempo-jittered a little. Against forgetting, the loss also keeps the
+tuned model's predictions close to the base's on music the base generates itself before
+training (`--replay`, a KL term; no base data needed). The validation NLL per note is measured
 before training, every `eval_every_s` seconds and at the end; the best point is kept. The
 metadata records the base model id, the method, the pieces and the NLL before and after. The
 base checkpoint is never modified, and OUT is written atomically: Ctrl-C leaves no half file.
@@ -39,18 +41,17 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 METHODS = ("state", "lora", "full")
-# Learning rates chosen on Chopin mazurkas against the piano model (docs/styles.md): a State
-# is a few hundred thousand free numbers with no weight decay to fight, so it takes a large
-# step; full fine-tuning must stay small or it forgets the rest of the piano corpus.
-DEFAULT_LR = {"state": 0.02, "lora": 1e-3, "full": 5e-5}
+# Learning rates tried on Chopin mazurkas against the piano model (docs/styles.md). Adam moves
+# every number by about the learning rate per step: a State's entries (WKV matrices, with no
+# weights to keep consistent) move far and need a large step to matter within minutes (0.1
+# and 0.5 did little); full fine-tuning needs a small one or it forgets the piano corpus.
+DEFAULT_LR = {"state": 1.0, "lora": 3e-3, "full": 3e-4}
 # Projections that get a low-rank update in `lora` (names inside each Block).
 LORA_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
-# Up to this many files are tokenized in-process (no worker start-up).
-SMALL_FOLDER = 16
 
 EPILOG = """examples:
   rwkv-music tune my-improvisations/ styles/mine.safetensors
-  rwkv-music tune mazurkas/ styles/mazurka.safetensors --minutes 4 --method state
+  rwkv-music tune mazurkas/ styles/mazurka.safetensors --minutes 8 --method state
   rwkv-music tune ragtime/ styles/rag.safetensors --base checkpoints/default.safetensors --method lora
   rwkv-music complete phrase.mid out.mid --checkpoint styles/mine.safetensors
 
@@ -63,8 +64,8 @@ Put the file in the daemon's styles_dir ([daemon] in config.toml) and switch to 
 class TuneConfig:
     """How to tune; every field has a command-line flag."""
 
-    method: str = "state"
-    minutes: float = 4.0  # wall-clock training budget (preparation and scoring come on top)
+    method: str = "lora"  # chosen by measurement, docs/styles.md
+    minutes: float = 5.0  # wall-clock training budget (preparation and scoring come on top)
     lr: float = 0.0  # 0: the method's default (DEFAULT_LR)
     ctx_len: int = 512  # tokens per training window
     batch_size: int = 4
@@ -256,9 +257,7 @@ def tune(midi_dir: Path | str, out: Path | str, base: Path | str, cfg: TuneConfi
     with tempfile.TemporaryDirectory(prefix="rwkv-music-tune-") as tmp:
         rels = [s.rel for s in find_sources(midi_dir)] if any(midi_dir.rglob("*")) else []
         val_rels = choose_val_pieces(rels, cfg.val_pieces)
-        # A few files are tokenized faster in this process than by starting worker processes.
         summary = prepare(midi_dir, tmp, tokenizer_params=base_meta.tokenizer_params, progress=progress,
-                          jobs=1 if len(rels) <= SMALL_FOLDER else None,
                           assign_split=lambda rel: "val" if rel in val_rels else "train")
         for item in summary.skipped:
             log.warning("skipped %s: %s", item["path"], item["reason"])
