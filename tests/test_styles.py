@@ -51,8 +51,8 @@ def base_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def state_style(style_folder: Path, base_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("styles") / "mine.safetensors"
     before = folder_digest(style_folder), base_checkpoint.read_bytes()
-    report = tune(style_folder, out, base_checkpoint, TuneConfig(method="state", minutes=0.04, ctx_len=64,
-                                                                 eval_every_s=0.5), progress=False)
+    report = tune(style_folder, out, base_checkpoint, TuneConfig(method="state", steps=6, ctx_len=64, eval_every=2),
+                  progress=False)
     assert (folder_digest(style_folder), base_checkpoint.read_bytes()) == before  # nothing written there
     return out, report
 
@@ -93,13 +93,12 @@ def test_tune_state_writes_one_checkpoint_whose_init_state_is_learned(state_styl
     assert tuned["method"] == "state" and tuned["base_model_id"] == base_meta.model_id
     assert len(tuned["pieces"]) == 8 and len(tuned["val_pieces"]) == 2  # 10 readable files, one in five held out
     assert [s["path"] for s in tuned["skipped"]] == ["broken.mid"]
-    assert report.steps >= 1 and tuned["val_nll_per_note_after"] <= tuned["val_nll_per_note_before"]
+    assert report.steps == 6 and tuned["val_nll_per_note_after"] <= tuned["val_nll_per_note_before"]
 
 
 def test_tune_lora_merges_into_plain_weights(style_folder, base_checkpoint, tmp_path):
     out = tmp_path / "lora.safetensors"
-    tune(style_folder, out, base_checkpoint, TuneConfig(method="lora", minutes=0.02, ctx_len=64, lr=0.05),
-         progress=False)
+    tune(style_folder, out, base_checkpoint, TuneConfig(method="lora", steps=2, ctx_len=64, lr=0.05), progress=False)
     model, meta = load(out)
     base, _ = load(base_checkpoint)
     assert not model.cfg.learned_state and set(model.state_dict()) == set(base.state_dict())
@@ -123,7 +122,7 @@ def test_tune_interrupted_writes_nothing(style_folder, base_checkpoint, tmp_path
     out.parent.mkdir()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tools.cli", "tune", str(style_folder), str(out), "--base", str(base_checkpoint),
-         "--minutes", "5", "--ctx-len", "64"],
+         "--steps", "0", "--minutes", "5", "--ctx-len", "64"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1],
     )
     try:

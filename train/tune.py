@@ -4,7 +4,8 @@ A folder of MIDI files goes in; one checkpoint file comes out that `model.load` 
 other. The folder is tokenized with the base checkpoint's own tokenizer into a temporary
 directory (nothing is ever written into MIDI_DIR; a file that cannot be read is skipped and
 counted), some pieces are held out for validation when there are enough, and one of three
-methods trains within a wall-clock budget:
+methods trains for a number of steps (the same result on any machine, given the seed), within
+a wall-clock cap:
 
   lora   (the default) low-rank updates of the time mix's r/k/v/output and the channel mix's
          projections, merged into the weights when saved (same file size as the base).
@@ -17,7 +18,7 @@ Training windows start at random bar lines of the pieces (tempo and meter restat
 `train`), transposed and tempo-jittered a little. Against forgetting, the loss also keeps the
 tuned model's predictions close to the base's on music the base generates itself before
 training (`--replay`, a KL term; no base data needed). The validation NLL per note is measured
-before training, every `eval_every_s` seconds and at the end; the best point is kept. The
+before training, every `eval_every` steps and at the end; the best point is kept. The
 metadata records the base model id, the method, the pieces and the NLL before and after. The
 base checkpoint is never modified, and OUT is written atomically: Ctrl-C leaves no half file.
 """
@@ -51,7 +52,8 @@ LORA_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key
 
 EPILOG = """examples:
   rwkv-music tune my-improvisations/ styles/mine.safetensors
-  rwkv-music tune mazurkas/ styles/mazurka.safetensors --minutes 8 --method state
+  rwkv-music tune mazurkas/ styles/mazurka.safetensors --method state --steps 100
+  rwkv-music tune my-band/ styles/band.safetensors --steps 0 --minutes 3     # as many steps as 3 minutes allow
   rwkv-music tune ragtime/ styles/rag.safetensors --base checkpoints/default.safetensors --method lora
   rwkv-music complete phrase.mid out.mid --checkpoint styles/mine.safetensors
 
@@ -65,7 +67,8 @@ class TuneConfig:
     """How to tune; every field has a command-line flag."""
 
     method: str = "lora"  # chosen by measurement, docs/styles.md
-    minutes: float = 5.0  # wall-clock training budget (preparation and scoring come on top)
+    steps: int = 40  # optimizer steps; 0: as many as --minutes allows
+    minutes: float = 6.0  # wall-clock cap on training (preparation and scoring come on top)
     lr: float = 0.0  # 0: the method's default (DEFAULT_LR)
     ctx_len: int = 512  # tokens per training window
     batch_size: int = 4
@@ -73,7 +76,7 @@ class TuneConfig:
     lora_rank: int = 8
     transpose: int = 5  # random transposition within +-N semitones (kept inside the piano)
     tempo_jitter: int = 1  # random tempo shift within +-N tempo bins
-    eval_every_s: float = 30.0
+    eval_every: int = 10  # steps between validations
     # Anti-forgetting: the weight of a KL term that keeps the tuned model's predictions equal to
     # the base's on music the base generates itself (no base data needed); 0 turns it off.
     replay: float = 1.0
@@ -86,7 +89,8 @@ class TuneConfig:
 
         if self.method not in METHODS:
             raise TrainError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
-        checks = [("minutes", self.minutes > 0, "> 0"), ("lr", self.lr >= 0, ">= 0"),
+        checks = [("steps", self.steps >= 0, ">= 0"), ("eval-every", self.eval_every >= 1, ">= 1"),
+                  ("minutes", self.minutes > 0, "> 0"), ("lr", self.lr >= 0, ">= 0"),
                   ("ctx-len", self.ctx_len >= 16, ">= 16"), ("batch-size", self.batch_size >= 1, ">= 1"),
                   ("val-pieces", self.val_pieces >= -1, ">= 0 (or -1 for automatic)"),
                   ("lora-rank", self.lora_rank >= 1, ">= 1"), ("transpose", self.transpose >= 0, ">= 0"),
@@ -281,16 +285,16 @@ def tune(midi_dir: Path | str, out: Path | str, base: Path | str, cfg: TuneConfi
         best = report.val_nll_per_note_before = nll_per_note(model, val_shards, table)
         best_params = [p.detach().clone() for p in params]
         budget_s = cfg.minutes * 60.0
-        log.info("tuning on %d pieces (%d held out) with %s for %g minutes", len(train_shards), len(val_shards),
-                 cfg.method, cfg.minutes)
-        bar = tqdm(total=round(budget_s), desc=f"tune ({cfg.method})", unit="s", disable=not progress,
+        log.info("tuning on %d pieces (%d held out) with %s for %s steps, at most %g minutes", len(train_shards),
+                 len(val_shards), cfg.method, cfg.steps or "as many", cfg.minutes)
+        bar = tqdm(total=cfg.steps or None, desc=f"tune ({cfg.method})", unit="step", disable=not progress,
                    dynamic_ncols=True)
-        started = last_eval = time.perf_counter()
-        elapsed = 0.0
+        started = time.perf_counter()
+        elapsed = fraction = 0.0
         try:
-            while elapsed < budget_s:
-                # Linear warm-up over 10 steps, then cosine decay to a tenth over the budget.
-                fraction = min(1.0, elapsed / budget_s)
+            while fraction < 1.0:
+                # Linear warm-up over 10 steps, then cosine decay to a tenth over the steps (or the
+                # time cap, whichever comes first).
                 warmup = min(1.0, (report.steps + 1) / 10)
                 lr = cfg.learning_rate * warmup * (0.55 + 0.45 * math.cos(math.pi * fraction))
                 for group in optimizer.param_groups:
@@ -308,18 +312,17 @@ def tune(midi_dir: Path | str, out: Path | str, base: Path | str, cfg: TuneConfi
                 optimizer.step()
                 report.steps += 1
                 report.tokens += int(mask.sum())
-                now = time.perf_counter()
-                elapsed = now - started
-                if best is not None and (now - last_eval >= cfg.eval_every_s or elapsed >= budget_s):
+                elapsed = time.perf_counter() - started
+                fraction = max(report.steps / cfg.steps if cfg.steps else 0.0, elapsed / budget_s)
+                if best is not None and (report.steps % cfg.eval_every == 0 or fraction >= 1.0):
                     score = nll_per_note(model, val_shards, table)
-                    last_eval = time.perf_counter()
                     if score is not None and score < best:
                         best, report.best_step = score, report.steps
                         best_params = [p.detach().clone() for p in params]
                     bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{score:.3f}")
                 else:
                     bar.set_postfix(loss=f"{loss.item():.3f}")
-                bar.update(min(round(elapsed), bar.total) - bar.n)
+                bar.update(1)
         finally:
             bar.close()
         report.train_seconds = round(time.perf_counter() - started, 1)
@@ -357,8 +360,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     defaults = TuneConfig()
     p.add_argument("--method", choices=METHODS, default=defaults.method,
                    help=f"what to train (default {defaults.method}; docs/styles.md compares them)")
+    p.add_argument("--steps", type=int, default=defaults.steps,
+                   help=f"optimizer steps of {defaults.batch_size} windows; 0 = until --minutes "
+                        f"(default {defaults.steps})")
     p.add_argument("--minutes", type=float, default=defaults.minutes,
-                   help=f"training time budget (default {defaults.minutes:g})")
+                   help=f"cap on the training time (default {defaults.minutes:g})")
     lr_defaults = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
     p.add_argument("--lr", type=float, default=0.0, help=f"learning rate (default per method: {lr_defaults})")
     p.add_argument("--ctx-len", type=int, default=defaults.ctx_len,
@@ -377,7 +383,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    cfg = TuneConfig(method=args.method, minutes=args.minutes, lr=args.lr, ctx_len=args.ctx_len,
+    cfg = TuneConfig(method=args.method, steps=args.steps, minutes=args.minutes, lr=args.lr, ctx_len=args.ctx_len,
                      batch_size=args.batch_size, val_pieces=args.val_pieces, lora_rank=args.lora_rank,
                      replay=args.replay, seed=args.seed, threads=args.threads)
     started = time.perf_counter()
