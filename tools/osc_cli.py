@@ -68,17 +68,25 @@ def parse_argument(text: str) -> Any:
     return text
 
 
-def run_osc(args: argparse.Namespace) -> int:
-    from daemon.osc_server import OscConfig, send_and_wait, status_values
+def daemon_osc_target(config: Path | None, host: str | None, port: int | None) -> tuple[str, int, str]:
+    """(host, port, prefix) of a running daemon's OSC server: the arguments where given, else
+    config.toml's [osc] (`config`, or ./config.toml when present), else the defaults. A server
+    bound to every interface (0.0.0.0, ::) is reached on 127.0.0.1."""
+    from daemon.osc_server import OscConfig
     from model.settings import load_section, read_config
 
-    config_path = args.config
-    if config_path is None and DEFAULT_CONFIG.is_file():
-        config_path = DEFAULT_CONFIG
-    osc = load_section(OscConfig, read_config(config_path), "osc") if config_path else OscConfig()
-    host = args.host or ("127.0.0.1" if osc.host in ("0.0.0.0", "::") else osc.host)
-    port = args.port if args.port is not None else osc.port
-    prefix = args.prefix or osc.prefix
+    if config is None and DEFAULT_CONFIG.is_file():
+        config = DEFAULT_CONFIG
+    osc = load_section(OscConfig, read_config(config), "osc") if config else OscConfig()
+    host = host or ("127.0.0.1" if osc.host in ("0.0.0.0", "::") else osc.host)
+    return host, port if port is not None else osc.port, osc.prefix
+
+
+def run_osc(args: argparse.Namespace) -> int:
+    from daemon.osc_server import send_and_wait, status_values
+
+    host, port, config_prefix = daemon_osc_target(args.config, args.host, args.port)
+    prefix = args.prefix or config_prefix
     address = args.address if args.address.startswith("/") else f"{prefix}/{args.address}"
     values = [parse_argument(a) for a in args.args]
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEFAULT_CONFIG = Path("config.toml")
+from tools.osc_cli import DEFAULT_CONFIG
+
 RENEW_S = 2.0  # well inside the daemon's lease (daemon.subscribers.LEASE_S)
 COLUMNS_PER_BEAT = 4
 MAX_ROWS = 36  # piano roll rows at most (fewer on a smaller terminal)
@@ -248,18 +249,13 @@ def run_watch(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from daemon.osc_server import OscConfig, build_message
-    from model.settings import load_section, read_config
+    from daemon.osc_server import build_message
     from tools.cli import UserError
+    from tools.osc_cli import daemon_osc_target
 
     if not 1 <= args.bars <= 16 or not 1.0 <= args.fps <= 30.0 or args.seconds < 0:
         raise UserError("--bars must be 1..16, --fps 1..30, --seconds >= 0")
-    config_path = args.config
-    if config_path is None and DEFAULT_CONFIG.is_file():
-        config_path = DEFAULT_CONFIG
-    osc = load_section(OscConfig, read_config(config_path), "osc") if config_path else OscConfig()
-    host = args.host or ("127.0.0.1" if osc.host in ("0.0.0.0", "::") else osc.host)
-    port = args.port if args.port is not None else osc.port
+    host, port, prefix = daemon_osc_target(args.config, args.host, args.port)
     target = f"{host}:{port}"
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     state = WatchState()
@@ -269,8 +265,8 @@ def run_watch(args: argparse.Namespace) -> int:
         except OSError as err:
             raise UserError(f"cannot reach {target}: {err}") from err
         own_port = sock.getsockname()[1]
-        subscribe = build_message(f"{osc.prefix}/subscribe", [own_port])
-        unsubscribe = build_message(f"{osc.prefix}/unsubscribe", [own_port])
+        subscribe = build_message(f"{prefix}/subscribe", [own_port])
+        unsubscribe = build_message(f"{prefix}/unsubscribe", [own_port])
         end = time.monotonic() + args.seconds if args.seconds else None
         console = Console()
         try:
