@@ -156,3 +156,21 @@ def test_cpu_step_packed_portable_build(monkeypatch):
     for weights in PACKED:
         assert CpuStepKernel.for_model(model, weights).library.simd == "scalar"
         compare_with_unpacked(model, weights, batch=5, n_tokens=6)
+
+
+def test_engine_keeps_its_weight_format_across_a_swap():
+    from daemon.engine import Engine
+    from model import load
+    from tools.complete import default_checkpoint
+
+    checkpoint = default_checkpoint()
+    if not checkpoint.is_file():
+        pytest.skip("checkpoints/default.safetensors is not present")
+    model, meta = load(checkpoint)
+    engine = Engine(model, meta, step_weights="int8")
+    assert model.step_weights == "int8"
+    new_model, new_meta = load(checkpoint)
+    engine.swap_model(new_model, new_meta)
+    assert new_model.step_weights == "int8"
+    with pytest.raises(ValueError, match="allowed"):
+        Engine(new_model, new_meta, step_weights="fp8")
