@@ -11,6 +11,9 @@ rounds so that load from other work hits all of them alike:
   buffer of that size, cut into the step's chunks and run by its threads and scheduler): the
   memory-bandwidth floor of the step, measured beside it;
 - the PyTorch step (RWKV7.step_torch) and the package;
+- llama.cpp's rwkv7 step on the same weights written as GGUF (f32, bf16, q8_0 for our fp32,
+  bf16, int8), when the optional `llama-cpp-python` and `gguf` packages are installed
+  (`pip install -e '.[peers]'`); it runs with torch's thread count, as the package does;
 - the kernel at the chosen format with K = `--streams` streams per step (one call, the weights
   read once for all K).
 
@@ -104,6 +107,7 @@ class ConfigResult:
     read_gb_per_s: dict[str, float] = field(default_factory=dict)  # read pass, per format's bytes
     x_floor: dict[str, float] = field(default_factory=dict)  # kernel / read pass per format
     streams_ratio: dict[str, float] = field(default_factory=dict)  # "K" -> K streams / one stream
+    llama_ratio: dict[str, float] = field(default_factory=dict)  # kernel / llama.cpp per format
     target_weights: str = DEFAULT_WEIGHTS
     targets: dict[str, dict] = field(default_factory=dict)  # name -> {value, target, passed}
     passed: bool | None = None
@@ -233,6 +237,46 @@ def run_cpu(args: argparse.Namespace, configs: list[tuple[str, int, int]]) -> in
     return 0 if ok else 1
 
 
+# Our weight format -> the GGUF matrix type llama.cpp runs for it (q8_0: int8, a scale per 32).
+LLAMA_TYPES = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0"}
+
+
+def llama_available() -> bool:
+    """Whether the optional peer can run: llama-cpp-python and gguf importable."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("llama_cpp", "gguf"))
+
+
+def llama_step(model, folder: Path, weights: str, n_ctx: int, ids: list[int]) -> Callable[[int], object]:
+    """llama.cpp's step on `model` written as GGUF: i -> logits [V] of token ids[i] (one
+    llama_decode of one token, state carried by llama.cpp's recurrent memory)."""
+    import llama_cpp
+    import numpy as np
+    import torch
+
+    from model.gguf_export import export_gguf
+
+    path = folder / f"bench-{LLAMA_TYPES[weights]}.gguf"
+    export_gguf(model, path, [f"t{i}" for i in range(model.cfg.vocab_size)], LLAMA_TYPES[weights])
+    threads = torch.get_num_threads()
+    with contextlib.redirect_stdout(sys.stderr):
+        llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=1, n_threads=threads, n_threads_batch=threads,
+                              verbose=False)
+    ctx, vocab = llm._ctx.ctx, model.cfg.vocab_size
+    token = (llama_cpp.llama_token * 1)()
+
+    def step(i: int) -> torch.Tensor:
+        token[0] = ids[i]
+        if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(token, 1)) != 0:
+            raise RuntimeError("llama_decode failed")
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(vocab,))
+        return torch.from_numpy(logits.copy())
+
+    step.keep_alive = llm  # the context lives as long as the function
+    return step
+
+
 def read_pass(kernel, nbytes: int) -> Callable[[int], None]:
     """A step-shaped function that reads `nbytes` once per call with the kernel's threads and
     scheduler (`CpuStepKernel.read_pass`): what a token that only read its weights would cost."""
@@ -254,17 +298,21 @@ def measure_cpu_config(name: str, n_layer: int, n_embd: int,
     res = ConfigResult(name, n_layer, n_embd, weights_mb=sum(p.numel() for p in model.parameters()) * 4 / 1e6,
                        target_weights=args.target_weights)
     kernels = {w: CpuStepKernel.for_model(model, w) for w in args.weights_list}
-    with tempfile.TemporaryDirectory() as tmp:
-        pth = Path(tmp) / "bench.pth"
-        export_pth(model, pth)
-        package = load_package_model(pth)
-
-    gen = torch.Generator().manual_seed(args.seed + 1)
     n_total = AGREEMENT_TOKENS + WARMUP_TOKENS + args.tokens * args.rounds
+    gen = torch.Generator().manual_seed(args.seed + 1)
     streams = args.streams_list if kernels[args.target_weights] is not None else [1]
     tokens = torch.randint(0, model.cfg.vocab_size, (n_total, max(streams)), generator=gen)
     idx = [tokens[i, :1].clone() for i in range(n_total)]
     ids = tokens[:, 0].tolist()
+    llama: dict[str, Callable[[int], object]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        pth = Path(tmp) / "bench.pth"
+        export_pth(model, pth)
+        package = load_package_model(pth)
+        if llama_available():
+            llama = {w: llama_step(model, Path(tmp), w, n_total + 16, ids) for w in args.weights_list}
+        else:
+            res.note = "llama.cpp not timed: pip install -e '.[peers]' (llama-cpp-python, gguf)"
 
     def kernel_step(kernel: CpuStepKernel, batch: int) -> Callable[[int], torch.Tensor]:
         state = model.init_state(batch)  # each implementation carries its own state
@@ -289,6 +337,8 @@ def measure_cpu_config(name: str, n_layer: int, n_embd: int,
         impls[f"kernel_{w}"] = kernel_step(kernel, 1)
     impls["torch_step"] = step_torch
     impls["package"] = step_package
+    for w, fn in llama.items():
+        impls[f"llama_{w}"] = fn
     checked = list(impls)  # the step implementations, compared on the first tokens
     for w, nbytes in res.bytes_per_token.items():
         impls[f"read_{w}"] = read_pass(kernels[w], nbytes)
@@ -302,7 +352,7 @@ def measure_cpu_config(name: str, n_layer: int, n_embd: int,
                 outs[key].append(impls[key](i).clone())
         reference = torch.stack(outs["package"])
         res.agreement = {key: rel_err(torch.stack(v), reference) for key, v in outs.items() if key != "package"}
-        exact = [key for key in ("kernel_fp32", "torch_step") if key in res.agreement]
+        exact = [key for key in ("kernel_fp32", "torch_step", "llama_fp32") if key in res.agreement]
         res.agrees = all(res.agreement[key] <= AGREEMENT_TOLERANCE for key in exact)
 
         pos = AGREEMENT_TOKENS
@@ -328,6 +378,8 @@ def measure_cpu_config(name: str, n_layer: int, n_embd: int,
     def ratio(a: str, b: str) -> float:
         return statistics.median(x / y for x, y in zip(res.rounds_ms[a], res.rounds_ms[b], strict=True))
 
+    for w in llama:
+        res.llama_ratio[w] = ratio(f"kernel_{w}", f"llama_{w}")
     for w, nbytes in res.bytes_per_token.items():
         res.ratio[w] = ratio(f"kernel_{w}", "package")
         res.x_floor[w] = ratio(f"kernel_{w}", f"read_{w}")
@@ -380,8 +432,12 @@ def print_cpu_table(report: dict, results: list[ConfigResult]) -> None:
                   f"{ms['package']:8.3f} {r.ratio[w]:7.3f}")
         print(f"{r.config:<10} {'torch':<7} {r.weights_mb:8.1f} {ms['torch_step']:8.3f} {'':>8} {'':>6} {'':>7} "
               f"{ms['package']:8.3f} {ms['torch_step'] / ms['package']:7.3f}")
+        for w in r.llama_ratio:
+            name = f"llama.cpp {LLAMA_TYPES[w]}"
+            print(f"{r.config:<10} {name:<16} {ms[f'llama_{w}']:8.3f} {'':>22} {ms['package']:8.3f} "
+                  f"{ms[f'llama_{w}'] / ms['package']:7.3f}   kernel {w} / llama.cpp {r.llama_ratio[w]:.3f}")
     print("read = a plain pass over the same bytes (the bandwidth floor); x floor = kernel / read;"
-          " ratio = kernel / package")
+          " ratio = kernel (or the row's step) / package")
     if any(r.streams_ratio for r in results):
         print()
         counts = sorted({int(k) for r in results for k in r.streams_ratio})
@@ -400,7 +456,7 @@ def print_cpu_table(report: dict, results: list[ConfigResult]) -> None:
         agreement = ", ".join(f"{k} {v:.1e}" for k, v in r.agreement.items())
         status = "ok" if r.agrees else f"DISAGREE (> {AGREEMENT_TOLERANCE:g})"
         print(f"{r.config}: logits of the first {AGREEMENT_TOKENS} tokens against the package: {agreement} -> "
-              f"{status} (fp32 and torch must be <= {AGREEMENT_TOLERANCE:g})" + (f"; {r.note}" if r.note else ""))
+              f"{status} (float32 weights must be <= {AGREEMENT_TOLERANCE:g})" + (f"; {r.note}" if r.note else ""))
     for r in results:
         for key, t in r.targets.items():
             verdict = "-" if t["passed"] is None else ("PASS" if t["passed"] else "FAIL")
