@@ -3,7 +3,8 @@
  * Runs B streams through the whole network (embedding row -> ln0 -> blocks -> ln_out -> head)
  * and updates the recurrent state in place. The math is RWKV7.step in model/rwkv7.py, which
  * stays the reference; kernels/cpu_step.py builds this file and hands it the model's own
- * float32 parameters by address, so nothing is packed or copied.
+ * float32 parameters by address, or for the large matrices packed bf16 / int8 copies in tiles
+ * (see linear_rows; kernels/weight_formats.py packs them). Sums are float32 throughout.
  *
  * A token is bound by reading the weights (19 MB at 6 layers x 256, 151 MB at 12 x 512), so
  * every matrix is streamed row by row exactly once per token for all B streams (a block of
@@ -20,8 +21,8 @@
  * busy machine a descheduled helper costs at most the chunk it holds, never a whole barrier:
  * the calling thread does the rest. Helpers spin briefly between tokens, then sleep.
  *
- * Layouts (torch fp32, contiguous):
- *   nn.Linear weight [out, in]; LoRA w1/a1/v1/g1 [C, D] and w2/a2/v2/g2 [D, C]; vectors [C];
+ * Layouts (torch fp32, contiguous, unless packed):
+ *   nn.Linear weight [out, in] (packed: [out/4][in/64][4][64] bf16 bits or int8 + scale[out]); LoRA w1/a1/v1/g1 [C, D] and w2/a2/v2/g2 [D, C]; vectors [C];
  *   r_k [H, N]; state shift [n_layer, 2, B, C]; state wkv [n_layer, B, H, N, N] (value, key).
  */
 
