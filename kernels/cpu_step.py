@@ -109,6 +109,7 @@ class CpuStepLibrary:
     layer_params: tuple[tuple[str, tuple[str, ...]], ...]  # names after "blocks.<i>."
     dim_names: tuple[str, ...]
     packable: frozenset[str]  # parameter names (as in the two tables) that may be stored packed
+    bf16_pair: int  # the column pairing packed bf16 rows need (the vector width)
 
     def describe(self) -> str:
         threads = "threads" if self.threads else "one thread"
@@ -225,6 +226,7 @@ def _describe(path: Path, cdll: ctypes.CDLL, flags: tuple[str, ...]) -> CpuStepL
         getattr(cdll, name).restype = ctypes.c_char_p
         getattr(cdll, name).argtypes = []
     cdll.rwkv7_threads.restype = ctypes.c_int
+    cdll.rwkv7_bf16_pair.restype = ctypes.c_int
     cdll.rwkv7_scratch_floats.restype = ctypes.c_int64
     cdll.rwkv7_scratch_floats.argtypes = [ctypes.c_void_p, ctypes.c_int32]
     cdll.rwkv7_read_pass.restype = ctypes.c_int
@@ -249,7 +251,7 @@ def _describe(path: Path, cdll: ctypes.CDLL, flags: tuple[str, ...]) -> CpuStepL
         path=path, cdll=cdll, flags=flags, simd=cdll.rwkv7_simd().decode(),
         threads=bool(cdll.rwkv7_threads()), global_params=parse(global_part),
         layer_params=parse(layer_part), dim_names=tuple(cdll.rwkv7_dim_names().decode().split()),
-        packable=frozenset(packable),
+        packable=frozenset(packable), bf16_pair=int(cdll.rwkv7_bf16_pair()),
     )
 
 
@@ -392,7 +394,7 @@ class CpuStepKernel:
         read_ptrs, scale_ptrs = list(ptrs), [None] * len(ptrs)
         packed = []
         for i in self._packed_slots:
-            matrix = pack(tensors[i].detach(), self.weights)
+            matrix = pack(tensors[i].detach(), self.weights, lib.bf16_pair)
             packed.append(matrix)
             read_ptrs[i] = matrix.data.data_ptr()
             if matrix.scale is not None:

@@ -11,7 +11,10 @@ memory bandwidth; storing the large matrices in fewer bytes lowers that floor. T
 
 Packed matrices are also tiled, [rows / 4][cols / TILE][4][TILE] (zero-padded to whole
 tiles), so that the kernel reads each group of 4 rows as one sequential stream (rwkv7_step.c,
-linear_rows). fp32 matrices are the model's own, row-major, read in place.
+linear_rows), and bf16 columns are paired: in each block of 2 * pair columns, 32-bit word j
+holds column j (low half) and column pair + j (high half), so that one vector load widens to
+two float vectors with a shift and a mask (pair = the kernel's vector width; 1 = plain order).
+fp32 matrices are the model's own, row-major, read in place.
 
 `pack` makes the tensors the kernel reads; `unpack` gives back the float32 matrix those bytes
 stand for, so a test can run the PyTorch reference step on exactly the weights the kernel uses.
@@ -44,6 +47,7 @@ class PackedMatrix:
     rows: int
     cols: int
     scale: Tensor | None = None
+    pair: int = 1  # bf16 column pairing (see the module docstring)
 
     @property
     def nbytes(self) -> int:
@@ -59,15 +63,21 @@ def check_format(weights: str) -> str:
 
 
 @torch.no_grad()
-def pack(matrix: Tensor, weights: str) -> PackedMatrix:
-    """A float32 matrix [rows, cols] in format `weights` (a new tensor unless fp32)."""
+def pack(matrix: Tensor, weights: str, bf16_pair: int = 1) -> PackedMatrix:
+    """A float32 matrix [rows, cols] in format `weights` (a new tensor unless fp32); bf16
+    columns paired `bf16_pair` apart (the kernel's `CpuStepLibrary.bf16_pair`)."""
     check_format(weights)
     rows, cols = matrix.shape
     if weights == "fp32":
         return PackedMatrix(matrix, rows, cols)
     if weights == "bf16":
+        if bf16_pair < 1 or TILE % (2 * bf16_pair):
+            raise ValueError(f"bf16 pair distance {bf16_pair} does not divide a tile of {TILE} in pairs")
         # torch's float32 -> bfloat16 conversion rounds to nearest even; int16 carries the bits
-        return PackedMatrix(_tiled(matrix.to(torch.bfloat16).view(torch.int16)), rows, cols)
+        tiles = _tiled(matrix.to(torch.bfloat16).view(torch.int16))
+        shape = tiles.shape
+        paired = tiles.view(*shape[:3], TILE // (2 * bf16_pair), 2, bf16_pair).transpose(-1, -2)
+        return PackedMatrix(paired.contiguous().view(shape), rows, cols, pair=bf16_pair)
     peak = matrix.abs().amax(dim=1)  # [rows]
     scale = torch.where(peak > 0, peak / INT8_LEVELS, torch.ones_like(peak)).float()
     q = torch.round(matrix / scale[:, None]).clamp_(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
@@ -90,6 +100,10 @@ def unpack(packed: PackedMatrix) -> Tensor:
     if data.dtype == torch.float32:
         return data.clone()
     groups, tiles = data.shape[:2]
+    if data.dtype == torch.int16:  # undo the column pairing
+        p = packed.pair
+        data = data.view(groups, tiles, ROWS_PER_GROUP, TILE // (2 * p), p, 2).transpose(-1, -2)
+        data = data.contiguous().view(groups, tiles, ROWS_PER_GROUP, TILE)
     rows = data.permute(0, 2, 1, 3).reshape(groups * ROWS_PER_GROUP, tiles * TILE)[:packed.rows, :packed.cols]
     if data.dtype == torch.int16:
         return rows.contiguous().view(torch.bfloat16).float()

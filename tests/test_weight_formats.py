@@ -46,7 +46,7 @@ def with_unpacked_matrices(model: RWKV7, kernel: CpuStepKernel) -> RWKV7:
         for name, p in twin.named_parameters():
             short = name.split(".", 2)[2] if name.startswith("blocks.") else name
             if short in kernel.library.packable:
-                p.copy_(unpack(pack(p.detach(), kernel.weights)))
+                p.copy_(unpack(pack(p.detach(), kernel.weights, kernel.library.bf16_pair)))
     return twin
 
 
@@ -68,9 +68,13 @@ def test_weight_formats_pack_unpack():
     torch.manual_seed(0)
     w = torch.randn(7, 100) * torch.logspace(-3, 1, 7)[:, None]  # rows of very different sizes
     w[3] = 0.0  # an all-zero row must stay zero (scale 1, not 0/0)
-    bf16 = pack(w, "bf16")
-    assert bf16.data.shape == (2, 2, 4, TILE) and bf16.data.dtype == torch.int16  # padded tiles
-    assert torch.equal(unpack(bf16), w.to(torch.bfloat16).float())
+    for pair in (1, 8, 16):  # the portable, AVX2 and AVX-512 builds' column pairing
+        bf16 = pack(w, "bf16", pair)
+        assert bf16.data.shape == (2, 2, 4, TILE) and bf16.data.dtype == torch.int16  # padded tiles
+        assert torch.equal(unpack(bf16), w.to(torch.bfloat16).float())
+    paired = pack(w, "bf16", 8).data[0, 0, 0].view(torch.uint16).int()  # row 0, columns 0..63
+    column = w[0].to(torch.bfloat16).view(torch.int16).view(torch.uint16).int()
+    assert paired[0] == column[0] and paired[1] == column[8] and paired[2] == column[1]  # word 0, then 1
     int8 = pack(w, "int8")
     assert int8.data.dtype == torch.int8 and int8.scale.shape == (7,)
     err = (unpack(int8) - w).abs()

@@ -114,9 +114,22 @@ static inline float v_sum(vec a) { return a; }
  * parameter stay float32; an int8 row's dot product is multiplied by its scale once at the end. */
 enum { W_FP32, W_BF16, W_INT8 };
 
+/* bf16 columns are stored in pairs PAIR apart: in each block of 2 * PAIR columns, 32-bit word
+ * j holds column j in its low half and column PAIR + j in its high half. One vector load then
+ * widens to two float vectors with one shift (low halves) and one mask (high halves), no
+ * shuffles: on AVX2 the shuffle of vpmovzxwd made bf16 compute-bound below the memory speed.
+ * PAIR is the vector width (1 in the portable build: the plain order); cpu_step.py packs to it. */
+#define PAIR VW
+
+/* Element offset of column offset i in a paired bf16 row. */
+static inline size_t bf16_at(size_t i) {
+    const size_t r = i % (2 * PAIR);
+    return i - r + 2 * (r % PAIR) + (r >= PAIR);
+}
+
 static inline float w_one(const void *w, size_t i, int kind) {
     if (kind == W_BF16) {
-        uint32_t u = (uint32_t)((const uint16_t *)w)[i] << 16;
+        uint32_t u = (uint32_t)((const uint16_t *)w)[bf16_at(i)] << 16;
         float f;
         memcpy(&f, &u, sizeof f);
         return f;
@@ -125,27 +138,42 @@ static inline float w_one(const void *w, size_t i, int kind) {
     return ((const float *)w)[i];
 }
 
+/* The VW weights at column offset base + hi * VW (base a multiple of 2 * VW, hi 0 or 1). */
 #if !defined(RWKV7_SCALAR) && !defined(RWKV7_NO_AVX512) && defined(__AVX512F__)
+static inline vec w_load_half(const void *w, size_t base, int hi, int kind);
 static inline vec w_load(const void *w, size_t i, int kind) {
-    if (kind == W_BF16)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i))), 16));
+    if (kind == W_BF16) return w_load_half(w, i - i % (2 * VW), i % (2 * VW) != 0, kind);
     if (kind == W_INT8)
         return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)w + i))));
     return _mm512_loadu_ps((const float *)w + i);
 }
+static inline vec w_load_half(const void *w, size_t base, int hi, int kind) {
+    if (kind != W_BF16) return w_load(w, base + (size_t)hi * VW, kind);
+    __m512i v = _mm512_loadu_si512((const void *)((const uint16_t *)w + base));
+    return _mm512_castsi512_ps(hi ? _mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)) : _mm512_slli_epi32(v, 16));
+}
 #elif VW == 8
+static inline vec w_load_half(const void *w, size_t base, int hi, int kind);
 static inline vec w_load(const void *w, size_t i, int kind) {
-    if (kind == W_BF16)
-        return _mm256_castsi256_ps(_mm256_slli_epi32(
-            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i))), 16));
+    if (kind == W_BF16) return w_load_half(w, i - i % (2 * VW), i % (2 * VW) != 0, kind);
     if (kind == W_INT8)
         return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + i))));
     return _mm256_loadu_ps((const float *)w + i);
 }
+static inline vec w_load_half(const void *w, size_t base, int hi, int kind) {
+    if (kind != W_BF16) return w_load(w, base + (size_t)hi * VW, kind);
+    __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + base));
+    return _mm256_castsi256_ps(hi ? _mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u)) : _mm256_slli_epi32(v, 16));
+}
 #else
 static inline vec w_load(const void *w, size_t i, int kind) { return w_one(w, i, kind); }
+static inline vec w_load_half(const void *w, size_t base, int hi, int kind) {
+    return w_one(w, base + (size_t)hi * VW, kind);
+}
 #endif
+
+/* The pair distance of packed bf16 rows in this build (cpu_step.py packs to it). */
+int rwkv7_bf16_pair(void) { return PAIR; }
 
 static inline size_t w_bytes(int kind) { return kind == W_BF16 ? 2 : kind == W_INT8 ? 1 : 4; }
 
@@ -366,7 +394,8 @@ static inline __attribute__((always_inline)) void dot4_one(const void *const w[4
         const size_t at = col_at(i, tiled);
         for (int u = 0; u < UNROLL; u++) {
             vec xu = v_load(x + i + u * VW);
-            for (int q = 0; q < 4; q++) acc[q][u] = v_fma(w_load(w[q], at + u * VW, kind), xu, acc[q][u]);
+            for (int q = 0; q < 4; q++)
+                acc[q][u] = v_fma(w_load_half(w[q], at + (size_t)(u & ~1) * VW, u & 1, kind), xu, acc[q][u]);
         }
     }
     for (; i + VW <= in; i += VW) {
@@ -391,6 +420,17 @@ static inline __attribute__((always_inline)) void dot_group(const void *const *w
     for (int g = 0; g < G; g++)
         for (int q = 0; q < R; q++) acc[g][q] = v_zero();
     int i = 0;
+    for (; i + 2 * VW <= in; i += 2 * VW) { /* a step of two vectors never straddles a tile */
+        const size_t at = col_at(i, tiled);
+        for (int h = 0; h < 2; h++) {
+            vec xv[4];
+            for (int g = 0; g < G; g++) xv[g] = v_load(x + (size_t)g * ldx + i + h * VW);
+            for (int q = 0; q < R; q++) {
+                vec wq = w_load_half(w[q], at, h, kind);
+                for (int g = 0; g < G; g++) acc[g][q] = v_fma(wq, xv[g], acc[g][q]);
+            }
+        }
+    }
     for (; i + VW <= in; i += VW) {
         const size_t at = col_at(i, tiled);
         vec xv[4];
