@@ -29,7 +29,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path_factory, monkeypatch):
-    """Builds go to a folder of this test session; RWKV7.step is the PyTorch reference."""
+    """Builds go to a folder of this pytest run; RWKV7.step is the PyTorch reference."""
     monkeypatch.setenv(cpu_step.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "rwkv-music-cache"))
     monkeypatch.delenv(cpu_step.COMPILER_ENV, raising=False)
     monkeypatch.setenv(cpu_step.DISABLE_ENV, "1")
