@@ -85,7 +85,7 @@ class CpuStepUnavailableError(KernelError):
 
 
 class CpuStepInputError(KernelError, ValueError):
-    """`CpuStepKernel.step` got token ids or a State that do not fit the model."""
+    """`CpuStepKernel.step` got token ids or state tensors that do not fit the model."""
 
     def __init__(self, what: str, reason: str):
         super().__init__(f"CPU step: {what}: {reason}")
