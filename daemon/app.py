@@ -244,7 +244,7 @@ class Daemon:
         signature = FileSignature.of(self.checkpoint_path)
         self.engine = await self._in_engine(functools.partial(
             EngineProcess, self.checkpoint_path, device=device, history_tokens=cfg.history_tokens,
-            threads=cfg.threads, niceness=cfg.engine_niceness,
+            threads=cfg.threads, niceness=cfg.engine_niceness, weights=cfg.weights,
         ))
         stack.callback(self._close_engine)
         self.playing_meta = self.engine.meta

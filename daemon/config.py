@@ -20,6 +20,7 @@ from daemon.midi_ports import MidiConfig
 from daemon.mqtt_bridge import MqttConfig
 from daemon.osc_server import OscConfig
 from daemon.output_latency import check_against_lead
+from kernels.weight_formats import DEFAULT_WEIGHTS
 from model.settings import ConfigError, check_range, load_section, read_config
 
 DEFAULT_CHECKPOINT = "checkpoints/default.safetensors"
@@ -32,6 +33,8 @@ class DaemonConfig:
     checkpoint: str = DEFAULT_CHECKPOINT  # the model to play; watched for changes (hot reload)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
     threads: int = 1  # torch CPU threads, 0..64 (0 = torch's default); 1 keeps the model off the scheduler's core
+    # How the compiled CPU step stores the large matrices (docs/cpu-step.md, "Weight formats")
+    weights: Literal["fp32", "bf16", "int8"] = DEFAULT_WEIGHTS
     engine_niceness: int = 5  # the engine process's nice increment, 0..19: the OS runs the output first
     output_priority: int = 60  # SCHED_FIFO priority of the output thread where allowed, 0..99 (0 = normal)
     mode: Literal["call_response", "autopilot", "manual", "off"] = "call_response"

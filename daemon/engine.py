@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels.weight_formats import check_format
 from model.checkpoint import CheckpointMeta
 from model.remi_grammar import DecodedEvent, RemiGrammar, RemiState, RemiStreamDecoder
 from model.rwkv7 import RWKV7
@@ -48,7 +49,12 @@ class Completion:
 class Engine:
     """Model, state and history of one live conversation."""
 
-    def __init__(self, model: RWKV7, meta: CheckpointMeta, *, history_limit: int = 8192):
+    def __init__(self, model: RWKV7, meta: CheckpointMeta, *, history_limit: int = 8192,
+                 step_weights: str = "fp32"):
+        """`step_weights`: how the CPU step stores the large matrices of this model and of every
+        model swapped in ("fp32", "bf16", "int8"; kernels/weight_formats.py)."""
+        self.step_weights = check_format(step_weights)
+        model.step_weights = step_weights
         self.model, self.meta = model.eval(), meta
         self.tokenizer = meta.tokenizer()
         if len(self.tokenizer) != model.cfg.vocab_size:
@@ -103,6 +109,7 @@ class Engine:
     def swap_model(self, model: RWKV7, meta: CheckpointMeta) -> None:
         """Take a new model and rebuild its state from the token history (same vocabulary)."""
         history = list(self.history)
+        model.step_weights = self.step_weights
         self.model, self.meta = model.eval(), meta
         self.state = model.init_state(1)
         self.logits = None

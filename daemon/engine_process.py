@@ -70,7 +70,7 @@ class RemoteEngineError(DaemonError):
 
 
 def _serve(conn: Connection, stop: Connection, checkpoint: str, device: str, history_tokens: int, threads: int,
-           niceness: int) -> None:
+           niceness: int, weights: str = "fp32") -> None:
     """The child: build the engine, then answer requests until "close" or the pipe closes."""
     if niceness:
         try:
@@ -85,7 +85,7 @@ def _serve(conn: Connection, stop: Connection, checkpoint: str, device: str, his
         torch.set_num_threads(threads)
     try:
         model, meta = load(checkpoint, device=device)
-        engine = Engine(model, meta, history_limit=history_tokens)
+        engine = Engine(model, meta, history_limit=history_tokens, step_weights=weights)
     except Exception as err:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", f"{type(err).__name__}: {err}"))
         return
@@ -156,9 +156,10 @@ class EngineProcess:
     Use as a context manager, or call `close()`."""
 
     def __init__(self, checkpoint: str | Path, *, device: str = "cpu", history_tokens: int = 4096,
-                 threads: int = 1, niceness: int = 5):
+                 threads: int = 1, niceness: int = 5, weights: str = "fp32"):
         self.checkpoint = str(checkpoint)
         self._device, self._threads, self._niceness = device, threads, niceness
+        self._weights = weights  # the CPU step's storage of the large matrices
         self._history_tokens = history_tokens
         # The conversation so far, to re-prime a replacement child (the child keeps its own).
         self.history: deque[int] = deque(maxlen=history_tokens)
@@ -175,7 +176,7 @@ class EngineProcess:
         requests, child_requests = socket.socketpair()
         stop, child_stop = socket.socketpair()
         settings = {"checkpoint": self.checkpoint, "device": self._device, "history_tokens": self._history_tokens,
-                    "threads": self._threads, "niceness": self._niceness,
+                    "threads": self._threads, "niceness": self._niceness, "weights": self._weights,
                     "log_level": logging.getLogger().getEffectiveLevel()}
         try:
             process = subprocess.Popen(

@@ -1,14 +1,20 @@
 """The fused CPU single-token step: build kernels/cpu/rwkv7_step.c on first use, load, call.
 
-`CpuStepKernel.for_model(model)` returns a kernel that runs one token of an RWKV7 for B
-streams in one C call (`kernel.step(idx, state) -> logits`), or None with one warning line when
-it cannot be used here (no C compiler, a failed build, a model that is not float32 on the
-CPU); the caller then keeps the PyTorch step. `cpu_step_kernel(model)` does the same once per
-model and remembers the answer, for `RWKV7.step` to route through.
+`CpuStepKernel.for_model(model, weights)` returns a kernel that runs one token of an RWKV7 for
+B streams in one C call (`kernel.step(idx, shift, wkv) -> logits`), or None with one warning
+line when it cannot be used here (no C compiler, a failed build, a model that is not float32
+on the CPU); the caller then keeps the PyTorch step. `cpu_step_kernel(model, weights)` does the
+same once per model and weight format and remembers the answer, for `RWKV7.step` to route
+through.
 
-The kernel reads the model's parameters in place by address; the address table is rebuilt
-when a parameter's storage moves (checked on every call: one data_ptr per parameter), so the
-kernel always runs the model's current weights. The recurrent State is updated in place.
+`weights` is how the large matrices (r, k, v, output, FFN, head: almost all the bytes a token
+reads) are stored for the kernel: "fp32" reads the model's own parameters in place by address;
+"bf16" and "int8" (one float32 scale per row) read packed copies made from them, a half or a
+quarter of the bytes. Everything else stays float32 and every sum accumulates in float32.
+The address table (and the packed copies) are rebuilt when a parameter's storage moves, and
+for packed formats also when a packed matrix is changed in place (its version counter):
+checked on every call, so the kernel always runs the model's current weights. The recurrent
+state tensors are updated in place.
 
 The library is compiled with the system C compiler (`cc`, or $RWKV_MUSIC_CC) and cached:
 
@@ -47,11 +53,10 @@ import torch
 from torch import Tensor
 
 from kernels.errors import KernelError
+from kernels.weight_formats import WEIGHT_FORMATS, PackedMatrix, check_format, pack
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from model.rwkv7 import State
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +73,7 @@ FLAG_SETS: tuple[tuple[str, ...], ...] = (
     ("-O3",),
 )
 COMPILE_TIMEOUT_S = 120
+READ_CHUNK_FLOATS = 16384  # ROW_CHUNK_FLOATS in rwkv7_step.c: chunk of rwkv7_read_pass
 
 
 class CpuStepUnavailableError(KernelError):
@@ -79,7 +85,7 @@ class CpuStepUnavailableError(KernelError):
 
 
 class CpuStepInputError(KernelError, ValueError):
-    """`CpuStepKernel.step` got token ids or a State that do not fit the model."""
+    """`CpuStepKernel.step` got token ids or state tensors that do not fit the model."""
 
     def __init__(self, what: str, reason: str):
         super().__init__(f"CPU step: {what}: {reason}")
@@ -102,6 +108,8 @@ class CpuStepLibrary:
     global_params: tuple[tuple[str, tuple[str, ...]], ...]  # (name, shape symbols)
     layer_params: tuple[tuple[str, tuple[str, ...]], ...]  # names after "blocks.<i>."
     dim_names: tuple[str, ...]
+    packable: frozenset[str]  # parameter names (as in the two tables) that may be stored packed
+    bf16_pair: int  # the column pairing packed bf16 rows need (the vector width)
 
     def describe(self) -> str:
         threads = "threads" if self.threads else "one thread"
@@ -218,14 +226,22 @@ def _describe(path: Path, cdll: ctypes.CDLL, flags: tuple[str, ...]) -> CpuStepL
         getattr(cdll, name).restype = ctypes.c_char_p
         getattr(cdll, name).argtypes = []
     cdll.rwkv7_threads.restype = ctypes.c_int
+    cdll.rwkv7_bf16_pair.restype = ctypes.c_int
     cdll.rwkv7_scratch_floats.restype = ctypes.c_int64
     cdll.rwkv7_scratch_floats.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+    cdll.rwkv7_read_pass.restype = ctypes.c_int
+    cdll.rwkv7_read_pass.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32]
     cdll.rwkv7_step.restype = ctypes.c_int
-    cdll.rwkv7_step.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int32] + [ctypes.c_void_p] * 5 + [ctypes.c_int32]
+    cdll.rwkv7_step.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int32] * 2 + [ctypes.c_void_p] * 5
+                                + [ctypes.c_int32])
+    packable = set()
 
     def parse(section: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
         entries = []
         for item in section.split():
+            if item.endswith("*"):
+                item = item[:-1]
+                packable.add(item.split("[")[0])
             name, shape = item.rstrip("]").split("[")
             entries.append((name, tuple(shape.split(","))))
         return tuple(entries)
@@ -235,6 +251,7 @@ def _describe(path: Path, cdll: ctypes.CDLL, flags: tuple[str, ...]) -> CpuStepL
         path=path, cdll=cdll, flags=flags, simd=cdll.rwkv7_simd().decode(),
         threads=bool(cdll.rwkv7_threads()), global_params=parse(global_part),
         layer_params=parse(layer_part), dim_names=tuple(cdll.rwkv7_dim_names().decode().split()),
+        packable=frozenset(packable), bf16_pair=int(cdll.rwkv7_bf16_pair()),
     )
 
 
@@ -287,39 +304,52 @@ class _Binding:
     dims: dict[str, int]
     dims_c: ctypes.Array
     eps_c: ctypes.Array
-    ptrs: list[int]
-    ptrs_c: ctypes.Array
+    ptrs: list[int]  # data_ptr of every parameter in the table (the model's own)
+    versions: list[int]  # version counters of the packed parameters (empty for fp32)
+    ptrs_c: ctypes.Array  # what the kernel reads: the parameters, packed matrices in their place
+    scales_c: ctypes.Array  # per-row scales of int8 matrices, parallel to ptrs_c (else NULL)
+    packed: list[PackedMatrix]  # keeps the packed copies alive
+    bytes_per_token: int  # weight bytes one token reads at batch 1 (one embedding row)
 
 
 class CpuStepKernel:
     """One token of an RWKV7 for B streams on the CPU in one call (see the module docstring)."""
 
-    def __init__(self, library: CpuStepLibrary, model: nn.Module):
+    def __init__(self, library: CpuStepLibrary, model: nn.Module, weights: str = "fp32"):
         self.library = library
+        self.weights = check_format(weights)
         # A weak reference: `cpu_step_kernel` keeps kernels in a dict keyed weakly by model.
         self._model = weakref.ref(model)
         self._slots = self._parameter_slots(model)
+        self._packed_slots = [i for i, name in enumerate(self._table_names()) if name in library.packable
+                              ] if weights != "fp32" else []
         self._binding = self._bind(model)
         self._scratch: dict[int, Tensor] = {}  # per batch size
         self._thread_choice: dict[tuple[int, int], ThreadChoice] = {}  # per (batch, most threads)
         self._lock = threading.Lock()  # the scratch memory is shared by calls
 
     @classmethod
-    def for_model(cls, model: nn.Module) -> CpuStepKernel | None:
-        """A kernel for `model`, or None (with one warning line) when it cannot be used."""
+    def for_model(cls, model: nn.Module, weights: str = "fp32") -> CpuStepKernel | None:
+        """A kernel for `model` with its large matrices stored as `weights` ("fp32", "bf16",
+        "int8"), or None (with one warning line) when it cannot be used."""
         try:
-            return cls(load_library(), model)
+            return cls(load_library(), model, weights)
         except CpuStepUnavailableError as err:
             log.warning("%s; %s", err, FALLBACK)
             return None
 
     # ---------------------------------------------------------------- binding to the model
 
+    def _table_names(self) -> list[str]:
+        """The parameter table's names as the C layout gives them (per-layer ones repeated)."""
+        lib = self.library
+        return [n for n, _ in lib.global_params] + [n for n, _ in lib.layer_params] * self._n_layer
+
     def _parameter_slots(self, model: nn.Module) -> list[tuple[dict, str]]:
         """(the owning module's _parameters dict, key) for every parameter in the table, so a
         step can see a replaced parameter with one dict lookup and one data_ptr each."""
         lib = self.library
-        n_layer = len(model.blocks) if hasattr(model, "blocks") else 0
+        self._n_layer = n_layer = len(model.blocks) if hasattr(model, "blocks") else 0
         names = [name for name, _ in lib.global_params]
         names += [f"blocks.{i}.{name}" for i in range(n_layer) for name, _ in lib.layer_params]
         slots = []
@@ -361,13 +391,36 @@ class CpuStepKernel:
                 raise CpuStepUnavailableError(f"{name} ({attr}) is not contiguous")
         eps = self._norm_eps(model)
         ptrs = [t.data_ptr() for t in tensors]
+        read_ptrs, scale_ptrs = list(ptrs), [None] * len(ptrs)
+        packed = []
+        for i in self._packed_slots:
+            matrix = pack(tensors[i].detach(), self.weights, lib.bf16_pair)
+            packed.append(matrix)
+            read_ptrs[i] = matrix.data.data_ptr()
+            if matrix.scale is not None:
+                scale_ptrs[i] = matrix.scale.data_ptr()
         return _Binding(
             dims=dims,
             dims_c=(ctypes.c_int32 * len(lib.dim_names))(*(dims[n] for n in lib.dim_names)),
             eps_c=(ctypes.c_float * 2)(*eps),
             ptrs=ptrs,
-            ptrs_c=(ctypes.c_void_p * len(ptrs))(*ptrs),
+            versions=[tensors[i]._version for i in self._packed_slots],
+            ptrs_c=(ctypes.c_void_p * len(ptrs))(*read_ptrs),
+            scales_c=(ctypes.c_void_p * len(ptrs))(*scale_ptrs),
+            packed=packed,
+            bytes_per_token=self._bytes_per_token(tensors, packed),
         )
+
+    def _bytes_per_token(self, tensors: list[Tensor], packed: list[PackedMatrix]) -> int:
+        """Weight bytes a token reads at batch 1: every parameter (packed ones at their packed
+        size) except the embedding, of which one row is read."""
+        total = sum(m.nbytes for m in packed)
+        packed_slots = set(self._packed_slots)
+        for i, t in enumerate(tensors):
+            if i in packed_slots:
+                continue
+            total += t.shape[1] * t.element_size() if i == 0 else t.numel() * t.element_size()
+        return total
 
     @staticmethod
     def _norm_eps(model: nn.Module) -> tuple[float, float]:
@@ -382,12 +435,17 @@ class CpuStepKernel:
         return ln_eps.pop(), gn_eps.pop()
 
     def _current_binding(self) -> _Binding:
-        ptrs = [params[attr].data_ptr() for params, attr in self._slots]
-        if ptrs != self._binding.ptrs:
+        slots = self._slots
+        ptrs = [params[attr].data_ptr() for params, attr in slots]
+        changed = ptrs != self._binding.ptrs
+        if not changed and self._packed_slots:
+            versions = [slots[i][0][slots[i][1]]._version for i in self._packed_slots]
+            changed = versions != self._binding.versions
+        if changed:
             model = self._model()
             if model is None:
                 raise CpuStepUnavailableError("the model was deleted")
-            log.debug("CPU step kernel: parameters moved, rebuilding the address table")
+            log.debug("CPU step kernel: parameters moved or changed, rebuilding the table")
             self._binding = self._bind(model)
         return self._binding
 
@@ -398,14 +456,21 @@ class CpuStepKernel:
         """Sizes of the bound model: L, C, H, N, V, F, Dw, Da, Dv, Dg."""
         return dict(self._binding.dims)
 
-    def step(self, idx: Tensor, state: State, threads: int | None = None) -> Tensor:
+    @property
+    def bytes_per_token(self) -> int:
+        """Weight bytes one token reads at batch 1 in this kernel's format (the packed matrices,
+        the float32 rest, one embedding row): the numerator of the memory-bandwidth floor."""
+        return self._binding.bytes_per_token
+
+    def step(self, idx: Tensor, shift: Tensor, wkv: Tensor, threads: int | None = None) -> Tensor:
         """One token per stream: idx LongTensor [B] -> logits [B, V] (float32, a new tensor).
 
-        `state` (shift [L, 2, B, C], wkv [L, B, H, N, N], float32, contiguous, CPU) is updated
-        in place, as `RWKV7.step` does. `threads` (the calling one included) fixes the thread
-        count; by default it is 1 or torch.get_num_threads(), whichever has been faster lately
-        (`ThreadChoice`). Raises CpuStepInputError for ids out of range or a State of the wrong
-        shape, CpuStepUnavailableError when the model stopped being float32 on the CPU.
+        The recurrent state, shift [L, 2, B, C] and wkv [L, B, H, N, N] (float32, contiguous,
+        CPU: a State's two tensors), is updated in place, as `RWKV7.step` does. `threads` (the
+        calling one included) fixes the thread count; by default it is 1 or
+        torch.get_num_threads(), whichever has been faster lately (`ThreadChoice`). Raises
+        CpuStepInputError for ids out of range or state tensors of the wrong shape,
+        CpuStepUnavailableError when the model stopped being float32 on the CPU.
         """
         binding = self._current_binding()
         d = binding.dims
@@ -414,7 +479,6 @@ class CpuStepKernel:
         batch = idx.shape[0]
         if idx.dtype != torch.int64 or not idx.is_contiguous():
             idx = idx.to(torch.int64).contiguous()
-        shift, wkv = state.shift, state.wkv
         if shift.shape != (d["L"], 2, batch, d["C"]) or wkv.shape != (d["L"], batch, d["H"], d["N"], d["N"]):
             raise CpuStepInputError(
                 "state", f"shapes {tuple(shift.shape)} and {tuple(wkv.shape)} do not fit {batch} streams")
@@ -439,11 +503,14 @@ class CpuStepKernel:
             if scratch is None:
                 scratch = self._scratch[batch] = torch.empty(lib.rwkv7_scratch_floats(binding.dims_c, batch))
             status = lib.rwkv7_step(
-                binding.dims_c, binding.eps_c, binding.ptrs_c, batch, idx.data_ptr(),
+                binding.dims_c, binding.eps_c, binding.ptrs_c, binding.scales_c, WEIGHT_FORMATS[self.weights],
+                batch, idx.data_ptr(),
                 shift.data_ptr(), wkv.data_ptr(), logits.data_ptr(), scratch.data_ptr(), threads,
             )
             if choice is not None and status == 0:
                 choice.record(threads, time.perf_counter() - start)
+        if status == -2:
+            raise CpuStepUnavailableError(f"the library does not know weight format {self.weights!r}")
         if status < 0:
             raise CpuStepUnavailableError(f"{d['L']} layers is more than the kernel schedules")
         if status:
@@ -452,23 +519,48 @@ class CpuStepKernel:
         return logits
 
 
+    def read_pass(self, buffer: Tensor, threads: int | None = None) -> None:
+        """Read `buffer` (float32, contiguous, CPU) once, cut into the step's chunks and run by
+        its threads and scheduler: the memory-bandwidth floor of a step reading as many bytes
+        (`bench step` passes a buffer of `bytes_per_token` bytes). Threads as in `step`, with
+        a ThreadChoice of its own."""
+        if buffer.dtype != torch.float32 or buffer.device.type != "cpu" or not buffer.is_contiguous():
+            raise CpuStepInputError("buffer", "must be float32, contiguous, on the CPU")
+        n = buffer.numel()
+        sums = torch.empty(-(-n // READ_CHUNK_FLOATS))
+        with self._lock:
+            choice = None
+            if not self.library.threads:
+                threads = 1
+            elif threads is None:
+                most = max(1, torch.get_num_threads())
+                choice = self._thread_choice.setdefault((-1, most), ThreadChoice())
+                threads = choice.choose(most)
+            start = time.perf_counter()
+            status = self.library.cdll.rwkv7_read_pass(buffer.data_ptr(), n, sums.data_ptr(), max(1, threads))
+            if choice is not None:
+                choice.record(threads, time.perf_counter() - start)
+        if status:
+            raise CpuStepInputError("buffer", f"{n} floats is more than the scheduler's chunk counter holds")
+
+
 # ------------------------------------------------------------------------------- routing
 
 _kernels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _kernels_lock = threading.Lock()
 
 
-def cpu_step_kernel(model: nn.Module) -> CpuStepKernel | None:
-    """The kernel for `model`, made on first use and remembered (None is remembered too, so the
-    warning appears once per model); None whenever $RWKV_MUSIC_NO_CPU_STEP is set to 1.
+def cpu_step_kernel(model: nn.Module, weights: str = "fp32") -> CpuStepKernel | None:
+    """The kernel for `model` with its large matrices stored as `weights`, made on first use
+    and remembered per model and format (None is remembered too, so the warning appears once);
+    None whenever $RWKV_MUSIC_NO_CPU_STEP is set to 1.
 
     The caller checks that the model is float32 on the CPU before asking (RWKV7.step does).
     """
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         return None
     with _kernels_lock:
-        if model in _kernels:
-            return _kernels[model]
-        kernel = CpuStepKernel.for_model(model)
-        _kernels[model] = kernel
-        return kernel
+        per_format = _kernels.setdefault(model, {})
+        if weights not in per_format:
+            per_format[weights] = CpuStepKernel.for_model(model, weights)
+        return per_format[weights]

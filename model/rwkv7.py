@@ -351,6 +351,10 @@ class RWKV7(nn.Module):
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.grad_checkpointing = False  # trade compute for activation memory in training
+        # How the compiled CPU step stores the large matrices: "fp32" (the parameters in place),
+        # "bf16" or "int8" (packed copies, half or a quarter of the bytes a token reads; see
+        # kernels/weight_formats.py). Only the CPU step reads it; training and CUDA are float32.
+        self.step_weights = "fp32"
         if cfg.learned_state:
             self.state0 = LearnedState(cfg)
         self.reset_parameters()
@@ -443,14 +447,15 @@ class RWKV7(nn.Module):
         """One token per stream: idx [B] -> (logits [B, V], state). `state` is updated in place.
 
         On the CPU in float32 this runs the compiled C step (kernels/cpu_step.py: one call per
-        token, the weights streamed once); elsewhere, or without a C compiler, `step_torch`.
+        token, the weights streamed once, the large matrices stored as `self.step_weights`);
+        elsewhere, or without a C compiler, `step_torch` (float32 weights).
         """
         weight = self.emb.weight
         if (weight.device.type == "cpu" and weight.dtype == torch.float32 and idx.device.type == "cpu"
                 and state.wkv.dtype == torch.float32):
-            kernel = cpu_step_kernel(self)  # cached per model; None -> the PyTorch path
+            kernel = cpu_step_kernel(self, self.step_weights)  # cached; None -> the PyTorch path
             if kernel is not None:
-                return kernel.step(idx, state), state
+                return kernel.step(idx, state.shift, state.wkv), state
         return self.step_torch(idx, state)
 
     @torch.no_grad()

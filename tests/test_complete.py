@@ -359,6 +359,8 @@ def test_completion_request_names_the_option():
     assert caught.value.option == "--top-p"
     with pytest.raises(CompleteOptionError, match="--context-bars"):
         CompletionRequest(context_bars=0)
+    with pytest.raises(CompleteOptionError, match="--weights.*fp32 . bf16 . int8"):
+        CompletionRequest(weights="fp16")
 
 
 def test_complete_with_the_default_checkpoint(chorale, tmp_path, capsys, with_complete_command):

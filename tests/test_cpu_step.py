@@ -46,6 +46,11 @@ def private_cache(tmp_path_factory, monkeypatch):
     torch.set_num_threads(threads)
 
 
+def tensors_of(state) -> tuple[torch.Tensor, torch.Tensor]:
+    """A State as the kernel takes it: (shift, wkv)."""
+    return state.shift, state.wkv
+
+
 def kernel_for(model: RWKV7) -> CpuStepKernel:
     kernel = CpuStepKernel.for_model(model)
     assert kernel is not None, "the C compiler should build the kernel on this machine"
@@ -88,7 +93,7 @@ def compare_steps(model: RWKV7, kernel: CpuStepKernel, batch: int, n_tokens: int
     for t in range(n_tokens):
         idx = torch.randint(0, model.cfg.vocab_size, (batch,), generator=gen)
         ref_logits, _ = model.step(idx, ref_state)
-        logits = kernel.step(idx, state, threads=threads)
+        logits = kernel.step(idx, *tensors_of(state), threads=threads)
         assert logits.shape == (batch, model.cfg.vocab_size)
         if model64 is not None:
             truth, _ = model64.step(idx, state64)
@@ -127,7 +132,7 @@ def test_cpu_step_as_accurate_as_torch_step_where_ill_conditioned():
         truth, _ = model64.step(idx, state64)
         torch_err = max(torch_err, rel_err(model.step(idx, state32)[0], truth),
                         rel_err(state32.wkv, state64.wkv))
-        logits = kernel.step(idx, state, threads=KERNEL_THREADS)
+        logits = kernel.step(idx, *tensors_of(state), threads=KERNEL_THREADS)
         kernel_err = max(kernel_err, rel_err(logits, truth), rel_err(state.wkv, state64.wkv))
     assert torch_err > 3e-6  # the premise: this model is ill-conditioned in float32
     assert kernel_err <= 4 * torch_err
@@ -148,14 +153,14 @@ def test_cpu_step_sees_weights_copied_in_place():
     kernel = kernel_for(model)
     idx = torch.tensor([7, 11])
     state0 = model.init_state(2)
-    kernel.step(idx, state0.clone())
+    kernel.step(idx, *tensors_of(state0.clone()))
     new = random_model(n_layer=2, n_embd=64, seed=6)
     with torch.no_grad():
         for p, q in zip(model.parameters(), new.parameters(), strict=True):
             p.copy_(q)
     ref_state, state = state0.clone(), state0.clone()
     ref, _ = new.step(idx, ref_state)
-    assert rel_err(kernel.step(idx, state), ref) <= TOLERANCE
+    assert rel_err(kernel.step(idx, *tensors_of(state)), ref) <= TOLERANCE
     assert rel_err(state.wkv, ref_state.wkv) <= TOLERANCE
 
 
@@ -164,11 +169,11 @@ def test_cpu_step_rebinds_replaced_parameter():
     model = random_model(n_layer=2, n_embd=64, seed=7)
     kernel = kernel_for(model)
     idx = torch.tensor([3])
-    before = kernel.step(idx, model.init_state(1))
+    before = kernel.step(idx, *tensors_of(model.init_state(1)))
     model.head.weight = nn.Parameter(torch.randn_like(model.head.weight))
     model.blocks[1].ffn.value.weight.data = torch.randn_like(model.blocks[1].ffn.value.weight)
     ref, _ = model.step(idx, model.init_state(1))
-    after = kernel.step(idx, model.init_state(1))
+    after = kernel.step(idx, *tensors_of(model.init_state(1)))
     assert rel_err(after, ref) <= TOLERANCE
     assert rel_err(after, before) > 0.1
 
@@ -212,7 +217,7 @@ def test_cpu_step_refuses_a_model_turned_float64_after_binding():
     kernel = kernel_for(model)
     model.double()
     with pytest.raises(cpu_step.CpuStepUnavailableError, match="float64"):
-        kernel.step(torch.tensor([1]), model.init_state(1))
+        kernel.step(torch.tensor([1]), *tensors_of(model.init_state(1)))
 
 
 @needs_cc
@@ -220,16 +225,16 @@ def test_cpu_step_bad_token_leaves_state_untouched():
     model = random_model(n_layer=2, n_embd=64)
     kernel = kernel_for(model)
     state = model.init_state(2)
-    kernel.step(torch.tensor([1, 2]), state)
+    kernel.step(torch.tensor([1, 2]), *tensors_of(state))
     before = state.clone()
     vocab = model.cfg.vocab_size
     with pytest.raises(CpuStepInputError, match=f"token id {vocab} is out of range"):
-        kernel.step(torch.tensor([4, vocab]), state)
+        kernel.step(torch.tensor([4, vocab]), *tensors_of(state))
     with pytest.raises(CpuStepInputError, match="token id -1"):
-        kernel.step(torch.tensor([-1, 4]), state)
+        kernel.step(torch.tensor([-1, 4]), *tensors_of(state))
     assert torch.equal(state.shift, before.shift) and torch.equal(state.wkv, before.wkv)
     with pytest.raises(CpuStepInputError, match="streams"):
-        kernel.step(torch.tensor([4, 5, 6]), state)
+        kernel.step(torch.tensor([4, 5, 6]), *tensors_of(state))
 
 
 @pytest.mark.parametrize("define", ["-DRWKV7_SCALAR", "-DRWKV7_NO_AVX512", "-DRWKV7_NO_THREADS"])
@@ -253,15 +258,25 @@ def test_bench_step_smoke():
     # In a subprocess: importing the rwkv package flips global TorchScript switches.
     result = subprocess.run(
         [sys.executable, "-m", "tools", "bench", "step", "--json", "--configs", "L1-D64",
-         "--tokens", "3", "--rounds", "2", "--threads", "1"],
+         "--tokens", "3", "--rounds", "2", "--threads", "1", "--streams", "1,2"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     (config,) = report["configs"]
     assert config["config"] == "L1-D64" and config["agrees"]
-    assert set(config["ms_per_token"]) == {"kernel", "torch_step", "package"}
-    assert config["agreement"]["kernel"] <= 1e-4 and config["ratio"] > 0
+    formats = ("fp32", "bf16", "int8")
+    timed = set(config["ms_per_token"])
+    llama = {f"llama_{w}" for w in formats}  # the optional llama.cpp peer, where installed
+    assert timed - llama == ({f"kernel_{w}" for w in formats} | {f"read_{w}" for w in formats}
+                             | {"torch_step", "package", "streams_2"})
+    if timed & llama:
+        assert timed >= llama and config["agreement"]["llama_fp32"] <= 1e-4
+    assert config["agreement"]["kernel_fp32"] <= 1e-4
+    assert config["agreement"]["kernel_bf16"] < 0.1  # reduced precision, near but not equal
+    assert all(config["ratio"][w] > 0 and config["x_floor"][w] > 0 for w in formats)
+    assert config["bytes_per_token"]["int8"] < config["bytes_per_token"]["bf16"] < config["bytes_per_token"]["fp32"]
+    assert config["streams_ratio"]["2"] > 0
 
 
 @needs_cc
@@ -273,7 +288,7 @@ def test_cpu_step_same_bits_on_any_thread_count():
     gen = torch.Generator().manual_seed(0)
     for _ in range(5):
         idx = torch.randint(0, model.cfg.vocab_size, (3,), generator=gen)
-        logits = {n: kernel.step(idx, s, threads=n) for n, s in states.items()}
+        logits = {n: kernel.step(idx, *tensors_of(s), threads=n) for n, s in states.items()}
         for n in (2, 3, None):
             assert torch.equal(logits[n], logits[1])
             assert torch.equal(states[n].wkv, states[1].wkv) and torch.equal(states[n].shift, states[1].shift)

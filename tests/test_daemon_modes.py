@@ -232,6 +232,7 @@ def test_daemon_settings_defaults_and_overrides(tmp_path):
         ("daemon.output_channel=17", "daemon.output_channel"),
         ("daemon.min_lead_ms=500.0", "daemon.min_lead_ms"),
         ("daemon.device=tpu", "daemon.device"),
+        ("daemon.weights=fp16", "daemon.weights"),
         ("daemon.volume=3", "volume"),
         ("clock.tempo=350.0", "clock.tempo"),
         ("clock.meter=4-4", "clock.meter"),

@@ -2,10 +2,23 @@
 
 For each configuration a random model (every weight perturbed, so no block is the identity)
 is exported with `model.interop.export_pth` and loaded into BlinkDL's `rwkv` package in this
-same process ('cpu fp32', RWKV_V7_ON=1). First the three implementations must agree on the
-logits of the first tokens; then they are timed one token at a time at batch size 1,
-interleaved in rounds so that load from other work hits all of them alike. The ratio is the
-median over rounds of (our fused CPU kernel's time / the package's time in the same round).
+same process ('cpu fp32', RWKV_V7_ON=1). First the implementations must agree on the logits
+of the first tokens; then they are timed one token at a time at batch size 1, interleaved in
+rounds so that load from other work hits all of them alike:
+
+- our fused CPU kernel with the large matrices stored as each of `--weights` (fp32, bf16, int8);
+- a plain read pass over as many bytes as that kernel reads per token (a vectorised sum over a
+  buffer of that size, cut into the step's chunks and run by its threads and scheduler): the
+  memory-bandwidth floor of the step, measured beside it;
+- the PyTorch step (RWKV7.step_torch) and the package;
+- llama.cpp's rwkv7 step on the same weights written as GGUF (f32, bf16, q8_0 for our fp32,
+  bf16, int8), when the optional `llama-cpp-python` and `gguf` packages are installed
+  (`pip install -e '.[peers]'`); it runs with torch's thread count, as the package does;
+- the kernel at the chosen format with K = `--streams` streams per step (one call, the weights
+  read once for all K).
+
+Every ratio is the median over rounds of two times taken in the same round: kernel / package,
+kernel / read pass (x floor), K streams / one stream.
 """
 
 from __future__ import annotations
@@ -23,19 +36,30 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-# ours / package per token, from the product's targets; other configurations show no target.
-TARGETS = {"L6-D256": 0.25, "L12-D512": 0.5}
+from kernels.weight_formats import DEFAULT_WEIGHTS, WEIGHT_FORMATS
+
+# Targets for the chosen weight format, from the product's goals; other sizes show none.
+#   package: kernel / package per token; floor: kernel / read pass; streams4: 4 streams / 1.
+TARGETS: dict[str, dict[str, float]] = {
+    "L6-D256": {"package": 0.15},
+    "L12-D512": {"package": 0.25, "floor": 1.2, "streams4": 1.6},
+}
 DEFAULT_CONFIGS = "L6-D256,L12-D512"
+DEFAULT_STREAMS = "1,2,4,8"
 AGREEMENT_TOKENS = 8
-AGREEMENT_TOLERANCE = 1e-4  # relative, max |ours - package| / max |package|
+AGREEMENT_TOLERANCE = 1e-4  # relative, max |ours - package| / max |package|, for float32 weights
 WARMUP_TOKENS = 10
 
-EPILOG = """examples:
+EPILOG = f"""examples:
   rwkv-music bench step
   rwkv-music bench step --json --tokens 300 --rounds 7
+  rwkv-music bench step --weights bf16 --streams 1,4
   rwkv-music bench step --configs L6-D256,L12-D512,L24-D1024
   rwkv-music bench step --threads 1              # everything on one core
   rwkv-music bench step --device cuda
+
+The targets apply to the chosen format: --target-weights, default {DEFAULT_WEIGHTS}
+(the default of [daemon] weights).
 """
 
 
@@ -54,6 +78,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
                    help=f"comma-separated LAYERS-DIM sizes such as L6-D256 (default {DEFAULT_CONFIGS})")
+    p.add_argument("--weights", default=",".join(WEIGHT_FORMATS),
+                   help="comma-separated storage formats of the large matrices to time "
+                        f"({', '.join(WEIGHT_FORMATS)}; default all)")
+    p.add_argument("--target-weights", default=DEFAULT_WEIGHTS, choices=tuple(WEIGHT_FORMATS),
+                   help=f"the format the targets and the streams apply to (default {DEFAULT_WEIGHTS})")
+    p.add_argument("--streams", default=DEFAULT_STREAMS,
+                   help=f"comma-separated stream counts K timed per step at the target format (default "
+                        f"{DEFAULT_STREAMS}; '1' for none)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch.set_num_threads for every implementation (default: torch's own choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")
@@ -65,13 +97,19 @@ class ConfigResult:
     config: str
     n_layer: int
     n_embd: int
-    weights_mb: float
+    weights_mb: float  # all parameters in float32
+    bytes_per_token: dict[str, int] = field(default_factory=dict)  # per format, batch 1
     ms_per_token: dict[str, float] = field(default_factory=dict)  # median over rounds
     rounds_ms: dict[str, list[float]] = field(default_factory=dict)
     agreement: dict[str, float] = field(default_factory=dict)  # rel. error against the package
-    agrees: bool | None = None
-    ratio: float | None = None  # kernel / package, median over rounds
-    target: float | None = None
+    agrees: bool | None = None  # fp32 kernel and PyTorch step within AGREEMENT_TOLERANCE
+    ratio: dict[str, float] = field(default_factory=dict)  # kernel / package per format
+    read_gb_per_s: dict[str, float] = field(default_factory=dict)  # read pass, per format's bytes
+    x_floor: dict[str, float] = field(default_factory=dict)  # kernel / read pass per format
+    streams_ratio: dict[str, float] = field(default_factory=dict)  # "K" -> K streams / one stream
+    llama_ratio: dict[str, float] = field(default_factory=dict)  # kernel / llama.cpp per format
+    target_weights: str = DEFAULT_WEIGHTS
+    targets: dict[str, dict] = field(default_factory=dict)  # name -> {value, target, passed}
     passed: bool | None = None
     note: str = ""
 
@@ -89,6 +127,30 @@ def parse_configs(text: str) -> list[tuple[str, int, int]]:
     if not configs:
         raise UserError("--configs: no configuration given")
     return configs
+
+
+def parse_weights(text: str) -> list[str]:
+    """'fp32,bf16' -> ['fp32', 'bf16'] (each a known format, no repeats)."""
+    from tools.cli import UserError
+
+    formats = [w.strip() for w in text.split(",") if w.strip()]
+    bad = [w for w in formats if w not in WEIGHT_FORMATS]
+    if bad or not formats or len(set(formats)) != len(formats):
+        raise UserError(f"--weights: {text!r} is not a list of distinct formats from {', '.join(WEIGHT_FORMATS)}")
+    return formats
+
+
+def parse_streams(text: str) -> list[int]:
+    """'1,2,4,8' -> [1, 2, 4, 8] (1 always included: the other counts are compared with it)."""
+    from tools.cli import UserError
+
+    try:
+        counts = sorted({int(k) for k in text.split(",") if k.strip()} | {1})
+    except ValueError as err:
+        raise UserError(f"--streams: {text!r} is not a list of stream counts such as 1,2,4,8") from err
+    if counts[0] < 1 or counts[-1] > 64:
+        raise UserError("--streams: counts must be 1..64")
+    return counts
 
 
 def random_model(n_layer: int, n_embd: int, seed: int):
@@ -114,6 +176,10 @@ def run(args: argparse.Namespace) -> int:
     if args.tokens < 1 or args.rounds < 1 or args.threads < 0:
         raise UserError("--tokens and --rounds must be >= 1, --threads >= 0")
     configs = parse_configs(args.configs)
+    args.weights_list = parse_weights(args.weights)
+    args.streams_list = parse_streams(args.streams)
+    if args.target_weights not in args.weights_list:
+        args.weights_list.append(args.target_weights)
     if args.threads:
         import torch
 
@@ -158,6 +224,9 @@ def run_cpu(args: argparse.Namespace, configs: list[tuple[str, int, int]]) -> in
         "tokens": args.tokens,
         "rounds": args.rounds,
         "batch_size": 1,
+        "weights": args.weights_list,
+        "target_weights": args.target_weights,
+        "streams": args.streams_list,
         "configs": [asdict(r) for r in results],
     }
     if args.json:
@@ -168,9 +237,58 @@ def run_cpu(args: argparse.Namespace, configs: list[tuple[str, int, int]]) -> in
     return 0 if ok else 1
 
 
+# Our weight format -> the GGUF matrix type llama.cpp runs for it (q8_0: int8, a scale per 32).
+LLAMA_TYPES = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0"}
+
+
+def llama_available() -> bool:
+    """Whether the optional peer can run: llama-cpp-python and gguf importable."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("llama_cpp", "gguf"))
+
+
+def llama_step(model, folder: Path, weights: str, n_ctx: int, ids: list[int]) -> Callable[[int], object]:
+    """llama.cpp's step on `model` written as GGUF: i -> logits [V] of token ids[i] (one
+    llama_decode of one token, state carried by llama.cpp's recurrent memory)."""
+    import llama_cpp
+    import numpy as np
+    import torch
+
+    from model.gguf_export import export_gguf
+
+    path = folder / f"bench-{LLAMA_TYPES[weights]}.gguf"
+    export_gguf(model, path, [f"t{i}" for i in range(model.cfg.vocab_size)], LLAMA_TYPES[weights])
+    threads = torch.get_num_threads()
+    with contextlib.redirect_stdout(sys.stderr):
+        llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=1, n_threads=threads, n_threads_batch=threads,
+                              verbose=False)
+    ctx, vocab = llm._ctx.ctx, model.cfg.vocab_size
+    token = (llama_cpp.llama_token * 1)()
+
+    def step(i: int) -> torch.Tensor:
+        token[0] = ids[i]
+        if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(token, 1)) != 0:
+            raise RuntimeError("llama_decode failed")
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(vocab,))
+        return torch.from_numpy(logits.copy())
+
+    step.keep_alive = llm  # the context lives as long as the function
+    return step
+
+
+def read_pass(kernel, nbytes: int) -> Callable[[int], None]:
+    """A step-shaped function that reads `nbytes` once per call with the kernel's threads and
+    scheduler (`CpuStepKernel.read_pass`): what a token that only read its weights would cost."""
+    import torch
+
+    buffer = torch.ones(max(1, nbytes // 4))
+    return lambda i: kernel.read_pass(buffer)
+
+
 def measure_cpu_config(name: str, n_layer: int, n_embd: int,
                        args: argparse.Namespace) -> tuple[ConfigResult, str | None]:
-    """Agreement, then interleaved timing, of kernel / PyTorch step / package for one size."""
+    """Agreement, then interleaved timing of every implementation, for one size."""
     import torch
 
     from kernels.cpu_step import DISABLE_ENV, CpuStepKernel
@@ -178,44 +296,64 @@ def measure_cpu_config(name: str, n_layer: int, n_embd: int,
 
     model = random_model(n_layer, n_embd, args.seed)
     res = ConfigResult(name, n_layer, n_embd, weights_mb=sum(p.numel() for p in model.parameters()) * 4 / 1e6,
-                       target=TARGETS.get(name))
-    kernel = CpuStepKernel.for_model(model)
+                       target_weights=args.target_weights)
+    kernels = {w: CpuStepKernel.for_model(model, w) for w in args.weights_list}
+    n_total = AGREEMENT_TOKENS + WARMUP_TOKENS + args.tokens * args.rounds
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    streams = args.streams_list if kernels[args.target_weights] is not None else [1]
+    tokens = torch.randint(0, model.cfg.vocab_size, (n_total, max(streams)), generator=gen)
+    idx = [tokens[i, :1].clone() for i in range(n_total)]
+    ids = tokens[:, 0].tolist()
+    llama: dict[str, Callable[[int], object]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         pth = Path(tmp) / "bench.pth"
         export_pth(model, pth)
         package = load_package_model(pth)
+        if llama_available():
+            llama = {w: llama_step(model, Path(tmp), w, n_total + 16, ids) for w in args.weights_list}
+        else:
+            res.note = "llama.cpp not timed: pip install -e '.[peers]' (llama-cpp-python, gguf)"
 
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    n_total = AGREEMENT_TOKENS + WARMUP_TOKENS + args.tokens * args.rounds
-    tokens = torch.randint(0, model.cfg.vocab_size, (n_total,), generator=gen).tolist()
-    idx = [torch.tensor([t]) for t in tokens]
-    # Each implementation carries its own state through every round.
-    kernel_state, torch_state, package_state = model.init_state(1), model.init_state(1), [None]
+    def kernel_step(kernel: CpuStepKernel, batch: int) -> Callable[[int], torch.Tensor]:
+        state = model.init_state(batch)  # each implementation carries its own state
+        rows = [tokens[i, :batch].clone() for i in range(n_total)]
+        return lambda i: kernel.step(rows[i], state.shift, state.wkv)[0]
 
-    def step_kernel(i: int) -> torch.Tensor:
-        return kernel.step(idx[i], kernel_state)[0]
+    torch_state, package_state = model.init_state(1), [None]
 
     def step_torch(i: int) -> torch.Tensor:
         return model.step(idx[i], torch_state)[0][0]
 
     def step_package(i: int) -> torch.Tensor:
-        logits, package_state[0] = package.forward([tokens[i]], package_state[0])
+        logits, package_state[0] = package.forward([ids[i]], package_state[0])
         return logits
 
-    impls: dict[str, Callable[[int], torch.Tensor]] = {"torch_step": step_torch, "package": step_package}
-    if kernel is not None:
-        impls = {"kernel": step_kernel, **impls}
-    else:
-        res.note = "CPU step kernel unavailable: 'ours' is the PyTorch step"
+    impls: dict[str, Callable[[int], object]] = {}
+    for w, kernel in kernels.items():
+        if kernel is None:
+            res.note = "CPU step kernel unavailable: only the PyTorch step and the package are timed"
+            continue
+        res.bytes_per_token[w] = kernel.bytes_per_token
+        impls[f"kernel_{w}"] = kernel_step(kernel, 1)
+    impls["torch_step"] = step_torch
+    impls["package"] = step_package
+    for w, fn in llama.items():
+        impls[f"llama_{w}"] = fn
+    checked = list(impls)  # the step implementations, compared on the first tokens
+    for w, nbytes in res.bytes_per_token.items():
+        impls[f"read_{w}"] = read_pass(kernels[w], nbytes)
+    for k in streams[1:]:
+        impls[f"streams_{k}"] = kernel_step(kernels[args.target_weights], k)
 
     with torch_step_forced(DISABLE_ENV):
-        outs: dict[str, list[torch.Tensor]] = {key: [] for key in impls}
+        outs: dict[str, list[torch.Tensor]] = {key: [] for key in checked}
         for i in range(AGREEMENT_TOKENS):
-            for key, fn in impls.items():
-                outs[key].append(fn(i).clone())
+            for key in checked:
+                outs[key].append(impls[key](i).clone())
         reference = torch.stack(outs["package"])
         res.agreement = {key: rel_err(torch.stack(v), reference) for key, v in outs.items() if key != "package"}
-        res.agrees = all(e <= AGREEMENT_TOLERANCE for e in res.agreement.values())
+        exact = [key for key in ("kernel_fp32", "torch_step", "llama_fp32") if key in res.agreement]
+        res.agrees = all(res.agreement[key] <= AGREEMENT_TOLERANCE for key in exact)
 
         pos = AGREEMENT_TOKENS
         for fn in impls.values():
@@ -236,11 +374,27 @@ def measure_cpu_config(name: str, n_layer: int, n_embd: int,
             pos += args.tokens
 
     res.ms_per_token = {key: statistics.median(v) for key, v in res.rounds_ms.items()}
-    ours = "kernel" if kernel is not None else "torch_step"
-    res.ratio = statistics.median(o / p for o, p in zip(res.rounds_ms[ours], res.rounds_ms["package"], strict=True))
-    if res.target is not None:
-        res.passed = res.ratio <= res.target
-    return res, kernel.library.describe() if kernel is not None else None
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(res.rounds_ms[a], res.rounds_ms[b], strict=True))
+
+    for w in llama:
+        res.llama_ratio[w] = ratio(f"kernel_{w}", f"llama_{w}")
+    for w, nbytes in res.bytes_per_token.items():
+        res.ratio[w] = ratio(f"kernel_{w}", "package")
+        res.x_floor[w] = ratio(f"kernel_{w}", f"read_{w}")
+        res.read_gb_per_s[w] = nbytes / (res.ms_per_token[f"read_{w}"] * 1e6)
+    for k in streams[1:]:
+        res.streams_ratio[str(k)] = ratio(f"streams_{k}", f"kernel_{args.target_weights}")
+    tw = args.target_weights
+    values = {"package": res.ratio.get(tw), "floor": res.x_floor.get(tw), "streams4": res.streams_ratio.get("4")}
+    for key, target in TARGETS.get(name, {}).items():
+        value = values[key]
+        res.targets[key] = {"value": value, "target": target, "passed": None if value is None else value <= target}
+    if res.targets:
+        res.passed = all(t["passed"] is not False for t in res.targets.values())
+    description = next((k.library.describe() for k in kernels.values() if k is not None), None)
+    return res, description
 
 
 @contextlib.contextmanager
@@ -257,29 +411,57 @@ def torch_step_forced(env_name: str):
             os.environ[env_name] = old
 
 
+TARGET_NAMES = {"package": "kernel / package", "floor": "kernel / read floor", "streams4": "4 streams / 1 stream"}
+
+
 def print_cpu_table(report: dict, results: list[ConfigResult]) -> None:
     print(f"machine: {report['machine']}")
     print(f"kernel:  {report['kernel']}")
     print(f"batch 1, {report['tokens']} tokens x {report['rounds']} interleaved rounds; "
-          "ms/token is the median over rounds")
+          "ms/token is the median over rounds, every ratio the median of same-round ratios")
     print()
-    head = f"{'config':<10} {'MB':>6} {'kernel':>8} {'torch':>8} {'package':>8} {'ratio':>7} {'target':>7}  result"
+    head = (f"{'config':<10} {'weights':<7} {'MB/token':>8} {'kernel':>8} {'read':>8} {'GB/s':>6} "
+            f"{'x floor':>7} {'package':>8} {'ratio':>7}")
     print(head)
     print("-" * len(head))
     for r in results:
         ms = r.ms_per_token
-        kernel = f"{ms['kernel']:8.3f}" if "kernel" in ms else f"{'-':>8}"
-        target = f"{r.target:7.2f}" if r.target is not None else f"{'-':>7}"
-        verdict = "-" if r.passed is None else ("PASS" if r.passed else "FAIL")
-        print(f"{r.config:<10} {r.weights_mb:6.1f} {kernel} {ms['torch_step']:8.3f} {ms['package']:8.3f} "
-              f"{r.ratio:7.3f} {target}  {verdict}")
+        for w in r.bytes_per_token:
+            print(f"{r.config:<10} {w:<7} {r.bytes_per_token[w] / 1e6:8.1f} {ms[f'kernel_{w}']:8.3f} "
+                  f"{ms[f'read_{w}']:8.3f} {r.read_gb_per_s[w]:6.1f} {r.x_floor[w]:7.2f} "
+                  f"{ms['package']:8.3f} {r.ratio[w]:7.3f}")
+        print(f"{r.config:<10} {'torch':<7} {r.weights_mb:8.1f} {ms['torch_step']:8.3f} {'':>8} {'':>6} {'':>7} "
+              f"{ms['package']:8.3f} {ms['torch_step'] / ms['package']:7.3f}")
+        for w in r.llama_ratio:
+            name = f"llama.cpp {LLAMA_TYPES[w]}"
+            print(f"{r.config:<10} {name:<16} {ms[f'llama_{w}']:8.3f} {'':>22} {ms['package']:8.3f} "
+                  f"{ms[f'llama_{w}'] / ms['package']:7.3f}   kernel {w} / llama.cpp {r.llama_ratio[w]:.3f}")
+    print("read = a plain pass over the same bytes (the bandwidth floor); x floor = kernel / read;"
+          " ratio = kernel (or the row's step) / package")
+    if any(r.streams_ratio for r in results):
+        print()
+        counts = sorted({int(k) for r in results for k in r.streams_ratio})
+        head = f"{'config':<10} {'weights':<7} {'K=1 ms':>8} " + " ".join(f"{f'K={k} ms (x)':>16}" for k in counts)
+        print(head)
+        print("-" * len(head))
+        for r in results:
+            if not r.streams_ratio:
+                continue
+            one = r.ms_per_token[f"kernel_{r.target_weights}"]
+            cells = [f"{r.ms_per_token[f'streams_{k}']:8.3f} ({r.streams_ratio[str(k)]:4.2f})" for k in counts]
+            print(f"{r.config:<10} {r.target_weights:<7} {one:8.3f} " + " ".join(f"{c:>16}" for c in cells))
+        print("K streams per step in one call (the weights read once for all K); (x) = K streams / one stream")
     print()
     for r in results:
         agreement = ", ".join(f"{k} {v:.1e}" for k, v in r.agreement.items())
         status = "ok" if r.agrees else f"DISAGREE (> {AGREEMENT_TOLERANCE:g})"
-        print(f"{r.config}: logits of the first {AGREEMENT_TOKENS} tokens against the package: {agreement} -> {status}"
-              + (f"; {r.note}" if r.note else ""))
-    print("ratio = kernel ms / package ms per token (median over rounds); target: ratio <= target")
+        print(f"{r.config}: logits of the first {AGREEMENT_TOKENS} tokens against the package: {agreement} -> "
+              f"{status} (float32 weights must be <= {AGREEMENT_TOLERANCE:g})" + (f"; {r.note}" if r.note else ""))
+    for r in results:
+        for key, t in r.targets.items():
+            verdict = "-" if t["passed"] is None else ("PASS" if t["passed"] else "FAIL")
+            value = "-" if t["value"] is None else f"{t['value']:.3f}"
+            print(f"target {r.config} {r.target_weights}: {TARGET_NAMES[key]} {value} <= {t['target']:g}  {verdict}")
 
 
 # ------------------------------------------------------------------------------- CUDA

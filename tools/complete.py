@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import tools
+from kernels.weight_formats import DEFAULT_WEIGHTS, WEIGHT_FORMATS
 from tools.cli import UserError
 from tools.piano_roll import RollNote
 
@@ -103,6 +104,7 @@ class CompletionRequest:
     top_k: int = 0  # 0 = off
     top_p: float = 0.95  # 1 = off
     seed: int = -1  # -1 = a fresh seed
+    weights: str = DEFAULT_WEIGHTS  # how the CPU step stores the large matrices
 
     def __post_init__(self) -> None:
         checks = [
@@ -114,6 +116,7 @@ class CompletionRequest:
             ("--top-k", self.top_k, 0 <= self.top_k <= 65536, "0..65536 (0 = off)"),
             ("--top-p", self.top_p, 0.01 <= self.top_p <= 1.0, "0.01..1 (1 = off)"),
             ("--seed", self.seed, -1 <= self.seed <= 2**31 - 1, "-1..2147483647 (-1 = fresh)"),
+            ("--weights", self.weights, self.weights in WEIGHT_FORMATS, " | ".join(WEIGHT_FORMATS)),
         ]
         for option, value, ok, allowed in checks:
             if not ok:
@@ -446,7 +449,7 @@ def complete_midi(source: Path | str, out: Path | str, model: RWKV7, meta: Check
     if wav is not None and renderer is None:
         renderer = FluidsynthRenderer.locate(soundfont)
     score = read_midi(source)
-    engine = Engine(model, meta)
+    engine = Engine(model, meta, step_weights=request.weights)
     result = continue_score(score, engine, request, source)
     _write_midi(result.score, out)
     if png is not None:
@@ -495,13 +498,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--soundfont", type=Path, default=None, metavar="SF2",
                    help="General MIDI soundfont for --wav (default: $RWKV_MUSIC_SOUNDFONT or a system one)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model runs (default cpu)")
+    p.add_argument("--weights", default=DEFAULT_WEIGHTS, metavar="FORMAT",
+                   help=f"how the CPU step stores the large matrices: {' | '.join(WEIGHT_FORMATS)} "
+                        f"(default {DEFAULT_WEIGHTS}, as [daemon] weights; docs/cpu-step.md)")
     p.set_defaults(run=run_complete)
 
 
 def run_complete(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     request = CompletionRequest(bars=args.bars, context_bars=args.context_bars, variations=args.variations,
-                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                weights=args.weights)
     # Cheap checks first: a wrong path should not wait for a model to load.
     read_midi(args.input)
     renderer = None

@@ -3,7 +3,8 @@
  * Runs B streams through the whole network (embedding row -> ln0 -> blocks -> ln_out -> head)
  * and updates the recurrent state in place. The math is RWKV7.step in model/rwkv7.py, which
  * stays the reference; kernels/cpu_step.py builds this file and hands it the model's own
- * float32 parameters by address, so nothing is packed or copied.
+ * float32 parameters by address, or for the large matrices packed bf16 / int8 copies in tiles
+ * (see linear_rows; kernels/weight_formats.py packs them). Sums are float32 throughout.
  *
  * A token is bound by reading the weights (19 MB at 6 layers x 256, 151 MB at 12 x 512), so
  * every matrix is streamed row by row exactly once per token for all B streams (a block of
@@ -20,8 +21,8 @@
  * busy machine a descheduled helper costs at most the chunk it holds, never a whole barrier:
  * the calling thread does the rest. Helpers spin briefly between tokens, then sleep.
  *
- * Layouts (torch fp32, contiguous):
- *   nn.Linear weight [out, in]; LoRA w1/a1/v1/g1 [C, D] and w2/a2/v2/g2 [D, C]; vectors [C];
+ * Layouts (torch fp32, contiguous, unless packed):
+ *   nn.Linear weight [out, in] (packed: [out/4][in/64][4][64] bf16 bits or int8 + scale[out]); LoRA w1/a1/v1/g1 [C, D] and w2/a2/v2/g2 [D, C]; vectors [C];
  *   r_k [H, N]; state shift [n_layer, 2, B, C]; state wkv [n_layer, B, H, N, N] (value, key).
  */
 
@@ -105,6 +106,77 @@ static inline vec v_fma(vec a, vec b, vec c) { return a * b + c; }
 static inline float v_sum(vec a) { return a; }
 #endif
 
+/* ---------------------------------------------------------------------------- weight formats */
+
+/* The large matrices (r, k, v, output, FFN key and value, head) may be stored packed: bf16
+ * (the top 16 bits of the float32, widened back by a shift: exact, and no F16C or AVX-512 BF16
+ * needed) or int8 with one float32 scale per row. Activations, accumulators and every other
+ * parameter stay float32; an int8 row's dot product is multiplied by its scale once at the end. */
+enum { W_FP32, W_BF16, W_INT8 };
+
+/* bf16 columns are stored in pairs PAIR apart: in each block of 2 * PAIR columns, 32-bit word
+ * j holds column j in its low half and column PAIR + j in its high half. One vector load then
+ * widens to two float vectors with one shift (low halves) and one mask (high halves), no
+ * shuffles: on AVX2 the shuffle of vpmovzxwd made bf16 compute-bound below the memory speed.
+ * PAIR is the vector width (1 in the portable build: the plain order); cpu_step.py packs to it. */
+#define PAIR VW
+
+/* Element offset of column offset i in a paired bf16 row. */
+static inline size_t bf16_at(size_t i) {
+    const size_t r = i % (2 * PAIR);
+    return i - r + 2 * (r % PAIR) + (r >= PAIR);
+}
+
+static inline float w_one(const void *w, size_t i, int kind) {
+    if (kind == W_BF16) {
+        uint32_t u = (uint32_t)((const uint16_t *)w)[bf16_at(i)] << 16;
+        float f;
+        memcpy(&f, &u, sizeof f);
+        return f;
+    }
+    if (kind == W_INT8) return (float)((const int8_t *)w)[i];
+    return ((const float *)w)[i];
+}
+
+/* The VW weights at column offset base + hi * VW (base a multiple of 2 * VW, hi 0 or 1). */
+#if !defined(RWKV7_SCALAR) && !defined(RWKV7_NO_AVX512) && defined(__AVX512F__)
+static inline vec w_load_half(const void *w, size_t base, int hi, int kind);
+static inline vec w_load(const void *w, size_t i, int kind) {
+    if (kind == W_BF16) return w_load_half(w, i - i % (2 * VW), i % (2 * VW) != 0, kind);
+    if (kind == W_INT8)
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)w + i))));
+    return _mm512_loadu_ps((const float *)w + i);
+}
+static inline vec w_load_half(const void *w, size_t base, int hi, int kind) {
+    if (kind != W_BF16) return w_load(w, base + (size_t)hi * VW, kind);
+    __m512i v = _mm512_loadu_si512((const void *)((const uint16_t *)w + base));
+    return _mm512_castsi512_ps(hi ? _mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)) : _mm512_slli_epi32(v, 16));
+}
+#elif VW == 8
+static inline vec w_load_half(const void *w, size_t base, int hi, int kind);
+static inline vec w_load(const void *w, size_t i, int kind) {
+    if (kind == W_BF16) return w_load_half(w, i - i % (2 * VW), i % (2 * VW) != 0, kind);
+    if (kind == W_INT8)
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + i))));
+    return _mm256_loadu_ps((const float *)w + i);
+}
+static inline vec w_load_half(const void *w, size_t base, int hi, int kind) {
+    if (kind != W_BF16) return w_load(w, base + (size_t)hi * VW, kind);
+    __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + base));
+    return _mm256_castsi256_ps(hi ? _mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u)) : _mm256_slli_epi32(v, 16));
+}
+#else
+static inline vec w_load(const void *w, size_t i, int kind) { return w_one(w, i, kind); }
+static inline vec w_load_half(const void *w, size_t base, int hi, int kind) {
+    return w_one(w, base + (size_t)hi * VW, kind);
+}
+#endif
+
+/* The pair distance of packed bf16 rows in this build (cpu_step.py packs to it). */
+int rwkv7_bf16_pair(void) { return PAIR; }
+
+static inline size_t w_bytes(int kind) { return kind == W_BF16 ? 2 : kind == W_INT8 ? 1 : 4; }
+
 #if VW > 1
 /* e^x to about 2 ulp (libm's expf is about 1): x = n ln2 + r with |r| <= ln2 / 2, a degree-7
  * Taylor polynomial for e^r (truncation 5e-9), then the exponent. Inputs are clamped to
@@ -135,7 +207,9 @@ static inline vec v_sigmoid(vec x) {
 
 /* Parameter table: the GLOBAL entries, then PER_LAYER entries for each block. Names are the
  * model's parameter names (per-layer ones after "blocks.<i>."), with their shapes in the size
- * symbols of `dims`; cpu_step.py reads this string, so the order lives only here. */
+ * symbols of `dims`; a trailing '*' marks the matrices that may be stored packed (bf16, int8:
+ * see linear_rows), the ones that make up almost all the bytes of a token. cpu_step.py reads
+ * this string, so the order lives only here. */
 enum { G_EMB, G_LN0_W, G_LN0_B, G_LNOUT_W, G_LNOUT_B, G_HEAD, N_GLOBAL };
 enum {
     P_LN1_W, P_LN1_B, P_LN2_W, P_LN2_B,
@@ -149,16 +223,16 @@ enum {
 
 static const char LAYOUT[] =
     "emb.weight[V,C] blocks.0.ln0.weight[C] blocks.0.ln0.bias[C] ln_out.weight[C] ln_out.bias[C] "
-    "head.weight[V,C]"
+    "head.weight[V,C]*"
     "|"
     "ln1.weight[C] ln1.bias[C] ln2.weight[C] ln2.bias[C] "
     "att.x_r[C] att.x_w[C] att.x_k[C] att.x_v[C] att.x_a[C] att.x_g[C] "
     "att.w0[C] att.w1[C,Dw] att.w2[Dw,C] att.a0[C] att.a1[C,Da] att.a2[Da,C] "
     "att.v0[C] att.v1[C,Dv] att.v2[Dv,C] att.g1[C,Dg] att.g2[Dg,C] "
     "att.k_k[C] att.k_a[C] att.r_k[H,N] "
-    "att.receptance.weight[C,C] att.key.weight[C,C] att.value.weight[C,C] att.output.weight[C,C] "
+    "att.receptance.weight[C,C]* att.key.weight[C,C]* att.value.weight[C,C]* att.output.weight[C,C]* "
     "att.ln_x.weight[C] att.ln_x.bias[C] "
-    "ffn.x_k[C] ffn.key.weight[F,C] ffn.value.weight[C,F]";
+    "ffn.x_k[C] ffn.key.weight[F,C]* ffn.value.weight[C,F]*";
 
 /* dims[] order; also the size symbols of LAYOUT. */
 enum { D_LAYER, D_C, D_H, D_N, D_V, D_F, D_DW, D_DA, D_DV, D_DG, N_DIMS };
@@ -221,6 +295,21 @@ static float vec_sum(const float *x, int n) {
     return s;
 }
 
+/* A plain sum with 4 chains, fast enough that even from L3 it is bound by reading (the floor). */
+static float read_sum(const float *x, int n) {
+    vec acc0 = v_zero(), acc1 = v_zero(), acc2 = v_zero(), acc3 = v_zero();
+    int i = 0;
+    for (; i + 4 * VW <= n; i += 4 * VW) {
+        acc0 = v_add(acc0, v_load(x + i));
+        acc1 = v_add(acc1, v_load(x + i + VW));
+        acc2 = v_add(acc2, v_load(x + i + 2 * VW));
+        acc3 = v_add(acc3, v_load(x + i + 3 * VW));
+    }
+    float s = v_sum(v_add(v_add(acc0, acc1), v_add(acc2, acc3)));
+    for (; i < n; i++) s += x[i];
+    return s;
+}
+
 static float vec_dot(const float *x, const float *y, int n) {
     vec acc0 = v_zero(), acc1 = v_zero();
     int i = 0;
@@ -262,6 +351,8 @@ static void norm_apply(const float *x, float mean, float inv, const float *w, co
 
 /* ---------------------------------------------------------------------------- matvecs */
 
+static int cdiv(int a, int b) { return (a + b - 1) / b; }
+
 enum { OUT_STORE, OUT_ADD, OUT_RELU_SQ };
 
 static inline void emit(float *o, float d, int mode) {
@@ -275,51 +366,150 @@ static inline void emit(float *o, float d, int mode) {
  * AVX2 has half the registers of AVX-512. */
 #if VW == 16
 #define UNROLL 4
+#define QUAD_ROWS 4 /* rows per pass for 4 streams: 16 accumulators + 4 inputs + 1 weight of 32 registers */
 #else
 #define UNROLL 2
+#define QUAD_ROWS 2 /* 8 accumulators + 4 inputs + 1 weight of AVX2's 16 registers */
 #endif
 
-/* nn.Linear on rows [r0, r1): out[b*ldo + row] (op)= W[row, :] . X[b*ldx + :] for b < B.
- * W [rows, in] row-major. Four rows at a time; the four rows stay in L1 while every stream
- * uses them, so each weight is read from memory once per token. */
-static void linear_rows(const float *W, int in, const float *X, int ldx, int B, float *out,
-                        int ldo, int r0, int r1, int mode) {
-    int row = r0;
-    for (; row + 4 <= r1; row += 4) {
-        const float *w[4] = {W + (size_t)row * in, W + (size_t)(row + 1) * in,
-                             W + (size_t)(row + 2) * in, W + (size_t)(row + 3) * in};
-        for (int b = 0; b < B; b++) {
-            const float *x = X + (size_t)b * ldx;
-            vec acc[4][UNROLL];
+/* Packed matrices are stored in tiles, so that a group of 4 rows is one sequential stream:
+ * [rows / 4][in / TILE][4][TILE] (rows padded with zero rows to a multiple of 4, columns with
+ * zeros to a multiple of TILE). Row-major packed rows (1 KB for 512 bf16 weights) read as four
+ * interleaved short streams inside one 4 KB page ran at half the memory bandwidth here (AMD
+ * Zen 2): the hardware prefetcher does not follow them. kernels/weight_formats.py packs. */
+#define TILE 64
+
+/* Offset of column i in a row of a 4-row group: row-major (fp32 in place) or tiled. */
+static inline size_t col_at(size_t i, int tiled) { return tiled ? i + (i / TILE) * (3 * TILE) : i; }
+
+/* Dot products of 4 weight rows with one stream's input x: dot[q] = w[q] . x, w[q] the start
+ * of row q (row-major) or of its first tile row (tiled). */
+static inline __attribute__((always_inline)) void dot4_one(const void *const w[4], int kind, int tiled,
+                                                          const float *x, int in, float dot[4]) {
+    vec acc[4][UNROLL];
+    for (int q = 0; q < 4; q++)
+        for (int u = 0; u < UNROLL; u++) acc[q][u] = v_zero();
+    int i = 0;
+    for (; i + UNROLL * VW <= in; i += UNROLL * VW) { /* a step never straddles a tile */
+        const size_t at = col_at(i, tiled);
+        for (int u = 0; u < UNROLL; u++) {
+            vec xu = v_load(x + i + u * VW);
             for (int q = 0; q < 4; q++)
-                for (int u = 0; u < UNROLL; u++) acc[q][u] = v_zero();
-            int i = 0;
-            for (; i + UNROLL * VW <= in; i += UNROLL * VW) {
-                for (int u = 0; u < UNROLL; u++) {
-                    vec xu = v_load(x + i + u * VW);
-                    for (int q = 0; q < 4; q++) acc[q][u] = v_fma(v_load(w[q] + i + u * VW), xu, acc[q][u]);
-                }
-            }
-            for (; i + VW <= in; i += VW) {
-                vec xv = v_load(x + i);
-                for (int q = 0; q < 4; q++) acc[q][0] = v_fma(v_load(w[q] + i), xv, acc[q][0]);
-            }
-            float dot[4];
-            for (int q = 0; q < 4; q++) {
-                for (int u = 1; u < UNROLL; u++) acc[q][0] = v_add(acc[q][0], acc[q][u]);
-                dot[q] = v_sum(acc[q][0]);
-            }
-            for (; i < in; i++)
-                for (int q = 0; q < 4; q++) dot[q] += w[q][i] * x[i];
-            float *o = out + (size_t)b * ldo + row;
-            for (int q = 0; q < 4; q++) emit(o + q, dot[q], mode);
+                acc[q][u] = v_fma(w_load_half(w[q], at + (size_t)(u & ~1) * VW, u & 1, kind), xu, acc[q][u]);
         }
     }
-    for (; row < r1; row++) {
-        const float *wr = W + (size_t)row * in;
+    for (; i + VW <= in; i += VW) {
+        vec xv = v_load(x + i);
+        for (int q = 0; q < 4; q++) acc[q][0] = v_fma(w_load(w[q], col_at(i, tiled), kind), xv, acc[q][0]);
+    }
+    for (int q = 0; q < 4; q++) {
+        for (int u = 1; u < UNROLL; u++) acc[q][0] = v_add(acc[q][0], acc[q][u]);
+        dot[q] = v_sum(acc[q][0]);
+    }
+    for (; i < in; i++)
+        for (int q = 0; q < 4; q++) dot[q] += w_one(w[q], col_at(i, tiled), kind) * x[i];
+}
+
+/* Rows w[0..R) times G streams at once (inputs x + g*ldx): each weight vector is loaded (and
+ * widened, when packed) once for the G streams, so K streams cost far less than K passes.
+ * R and G are constants where it is inlined; R x G accumulators stay in registers. */
+static inline __attribute__((always_inline)) void dot_group(const void *const *w, int R, int G, int kind,
+                                                           int tiled, const float *x, int ldx, int in,
+                                                           float dot[4][4]) {
+    vec acc[4][4];
+    for (int g = 0; g < G; g++)
+        for (int q = 0; q < R; q++) acc[g][q] = v_zero();
+    int i = 0;
+    for (; i + 2 * VW <= in; i += 2 * VW) { /* a step of two vectors never straddles a tile */
+        const size_t at = col_at(i, tiled);
+        for (int h = 0; h < 2; h++) {
+            vec xv[4];
+            for (int g = 0; g < G; g++) xv[g] = v_load(x + (size_t)g * ldx + i + h * VW);
+            for (int q = 0; q < R; q++) {
+                vec wq = w_load_half(w[q], at, h, kind);
+                for (int g = 0; g < G; g++) acc[g][q] = v_fma(wq, xv[g], acc[g][q]);
+            }
+        }
+    }
+    for (; i + VW <= in; i += VW) {
+        const size_t at = col_at(i, tiled);
+        vec xv[4];
+        for (int g = 0; g < G; g++) xv[g] = v_load(x + (size_t)g * ldx + i);
+        for (int q = 0; q < R; q++) {
+            vec wq = w_load(w[q], at, kind);
+            for (int g = 0; g < G; g++) acc[g][q] = v_fma(wq, xv[g], acc[g][q]);
+        }
+    }
+    for (int g = 0; g < G; g++)
+        for (int q = 0; q < R; q++) dot[g][q] = v_sum(acc[g][q]);
+    for (; i < in; i++)
+        for (int g = 0; g < G; g++)
+            for (int q = 0; q < R; q++) dot[g][q] += w_one(w[q], col_at(i, tiled), kind) * x[(size_t)g * ldx + i];
+}
+
+/* Rows [r0, r1) (r0 a multiple of 4) of W times every stream's input; see linear_rows. */
+static inline __attribute__((always_inline)) void linear_rows_kind(
+        const void *W, const float *scale, int kind, int in, const float *X, int ldx, int B,
+        float *out, int ldo, int r0, int r1, int mode) {
+    const int tiled = kind != W_FP32;
+    const size_t wb = w_bytes(kind);
+    const size_t group_bytes = tiled ? 4 * (size_t)cdiv(in, TILE) * TILE * wb : 4 * (size_t)in * wb;
+    const int full_rows = tiled ? r1 : r0 + (r1 - r0) / 4 * 4; /* tiled groups are padded to 4 */
+    int row = r0;
+    for (; row < full_rows; row += 4) {
+        const char *base = (const char *)W + (size_t)(row / 4) * group_bytes;
+        const int n = r1 - row < 4 ? r1 - row : 4; /* real rows in this group */
+        const void *w[4];
+        for (int q = 0; q < 4; q++) w[q] = base + (size_t)q * (tiled ? TILE : in) * wb;
+        float s[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+        if (scale) for (int q = 0; q < n; q++) s[q] = scale[row + q];
+        int b = 0;
+        while (B - b >= 2) { /* streams in fours, then a pair */
+            const int G = B - b >= 4 ? 4 : 2;
+            float dot[4][4];
+            const float *xb = X + (size_t)b * ldx;
+            if (G == 4) {
+                for (int q0 = 0; q0 < 4; q0 += QUAD_ROWS) {
+                    float part[4][4];
+                    dot_group(w + q0, QUAD_ROWS, 4, kind, tiled, xb, ldx, in, part);
+                    for (int g = 0; g < 4; g++)
+                        for (int q = 0; q < QUAD_ROWS; q++) dot[g][q0 + q] = part[g][q];
+                }
+            } else {
+                dot_group(w, 4, 2, kind, tiled, xb, ldx, in, dot);
+            }
+            for (int g = 0; g < G; g++) {
+                float *o = out + (size_t)(b + g) * ldo + row;
+                for (int q = 0; q < n; q++) emit(o + q, dot[g][q] * s[q], mode);
+            }
+            b += G;
+        }
+        for (; b < B; b++) {
+            float dot[4];
+            dot4_one(w, kind, tiled, X + (size_t)b * ldx, in, dot);
+            float *o = out + (size_t)b * ldo + row;
+            for (int q = 0; q < n; q++) emit(o + q, dot[q] * s[q], mode);
+        }
+    }
+    for (; row < r1; row++) { /* the last rows of a row-major (fp32) matrix */
+        const float *wr = (const float *)W + (size_t)row * in;
         for (int b = 0; b < B; b++)
             emit(out + (size_t)b * ldo + row, vec_dot(wr, X + (size_t)b * ldx, in), mode);
     }
+}
+
+/* nn.Linear on rows [r0, r1): out[b*ldo + row] (op)= W[row, :] . X[b*ldx + :] for b < B.
+ * W [rows, in] row-major float32 (the model's own), or packed and tiled as `kind` (int8 rows
+ * times scale[row]). Four rows at a time; they stay in L1 while every stream uses them, so
+ * each weight is read from memory once per token. One specialised copy per storage kind. */
+static void linear_rows(const void *W, const float *scale, int kind, int in, const float *X, int ldx,
+                        int B, float *out, int ldo, int r0, int r1, int mode) {
+    if (kind == W_BF16)
+        linear_rows_kind(W, NULL, W_BF16, in, X, ldx, B, out, ldo, r0, r1, mode);
+    else if (kind == W_INT8)
+        linear_rows_kind(W, scale, W_INT8, in, X, ldx, B, out, ldo, r0, r1, mode);
+    else
+        linear_rows_kind(W, NULL, W_FP32, in, X, ldx, B, out, ldo, r0, r1, mode);
 }
 
 /* Row vector times matrix on columns [c0, c1): out[c - c0] = sum_i x[i] * M[i*ldm + c].
@@ -422,11 +612,16 @@ typedef struct {
     int32_t d[N_DIMS]; /* by value: a late helper may look at a finished job's sizes */
     float eps[2];
     const float *const *params;
+    const float *const *scales; /* per-row scales of int8 matrices, parallel to params (else NULL) */
+    int wkind;                  /* storage of the large matrices: W_FP32, W_BF16 or W_INT8 */
     int B;
     const int64_t *idx;
     float *shift, *wkv, *logits;
     Buffers buf;
     int helpers;       /* helper threads invited to this job */
+    const float *read_buf; /* rwkv7_read_pass: the buffer to read (then the only phase), else NULL */
+    int64_t read_floats;
+    float *read_sums;      /* rwkv7_read_pass: one sum per chunk */
     int row_chunk_c;   /* rows per chunk of a matvec reading C inputs */
     int row_chunk_f;   /* rows per chunk of a matvec reading F inputs */
     int channel_chunk; /* channels per chunk of the layer-norm phases */
@@ -438,9 +633,8 @@ enum { K_LN1, K_PROJ, K_LORA_UP, K_HEADS, K_OUT, K_LN2, K_FFN_KEY, K_FFN_VALUE, 
 #define LORA_UP_COLUMNS 256 /* LoRA up-projection columns per chunk (1 KB of each row) */
 #define ROW_CHUNK_FLOATS 16384 /* ~64 KB of weights per matvec chunk */
 
-static int cdiv(int a, int b) { return (a + b - 1) / b; }
 
-static int phase_count(const Job *j) { return 1 + PER_LAYER_PHASES * j->d[D_LAYER] + 2; }
+static int phase_count(const Job *j) { return j->read_buf ? 1 : 1 + PER_LAYER_PHASES * j->d[D_LAYER] + 2; }
 
 static int lora_chunks(const Job *j) {
     return cdiv(j->d[D_DW], LORA_COLUMNS) + cdiv(j->d[D_DA], LORA_COLUMNS) +
@@ -449,6 +643,7 @@ static int lora_chunks(const Job *j) {
 
 static int phase_chunks(const Job *j, int p) {
     const int C = j->d[D_C], B = j->B;
+    if (j->read_buf) return (int)((j->read_floats + ROW_CHUNK_FLOATS - 1) / ROW_CHUNK_FLOATS);
     const int ln_chunks = B * cdiv(C, j->channel_chunk);
     if (p == 0) return ln_chunks;
     if (p == phase_count(j) - 2) return ln_chunks;
@@ -544,6 +739,12 @@ static void rows_of(int chunk, int per_chunk, int rows, int *lo, int *hi) {
 }
 
 static void run_chunk(const Job *j, int p, int c) {
+    if (j->read_buf) { /* rwkv7_read_pass */
+        const int64_t at = (int64_t)c * ROW_CHUNK_FLOATS;
+        const int64_t n = j->read_floats - at < ROW_CHUNK_FLOATS ? j->read_floats - at : ROW_CHUNK_FLOATS;
+        j->read_sums[c] = read_sum(j->read_buf + at, (int)n);
+        return;
+    }
     const int32_t *d = j->d;
     const int C = d[D_C], F = d[D_F], B = j->B;
     const int ln_blocks = cdiv(C, j->channel_chunk);
@@ -568,11 +769,14 @@ static void run_chunk(const Job *j, int p, int c) {
     }
     if (p == phase_count(j) - 1) {
         rows_of(c, j->row_chunk_c, d[D_V], &lo, &hi);
-        linear_rows(G[G_HEAD], C, bf->h1, C, B, j->logits, d[D_V], lo, hi, OUT_STORE);
+        linear_rows(G[G_HEAD], j->scales[G_HEAD], j->wkind, C, bf->h1, C, B, j->logits, d[D_V], lo, hi,
+                    OUT_STORE);
         return;
     }
     const int layer = (p - 1) / PER_LAYER_PHASES;
     const float *const *P = G + N_GLOBAL + (size_t)layer * N_PER_LAYER;
+    const float *const *S = j->scales + N_GLOBAL + (size_t)layer * N_PER_LAYER;
+    const int wk = j->wkind;
     float *shift0 = j->shift + ((size_t)layer * 2 + 0) * BC;
     float *shift1 = j->shift + ((size_t)layer * 2 + 1) * BC;
 
@@ -617,7 +821,7 @@ static void run_chunk(const Job *j, int p, int c) {
         const int weight[3] = {P_WR, P_WK, P_WV}, mix[3] = {0, 2, 3};
         float *outs[3] = {bf->r, bf->k, bf->v};
         rows_of(c % per, j->row_chunk_c, C, &lo, &hi);
-        linear_rows(P[weight[which]], C, bf->mix + mix[which] * BC, C, B, outs[which], C, lo, hi, OUT_STORE);
+        linear_rows(P[weight[which]], S[weight[which]], wk, C, bf->mix + mix[which] * BC, C, B, outs[which], C, lo, hi, OUT_STORE);
         return;
     }
     case K_LORA_UP: {
@@ -631,7 +835,7 @@ static void run_chunk(const Job *j, int p, int c) {
         return;
     case K_OUT:
         rows_of(c, j->row_chunk_c, C, &lo, &hi);
-        linear_rows(P[P_WO], C, bf->yg, C, B, bf->x, C, lo, hi, OUT_ADD);
+        linear_rows(P[P_WO], S[P_WO], wk, C, bf->yg, C, B, bf->x, C, lo, hi, OUT_ADD);
         return;
     case K_LN2: {
         int b = c / ln_blocks;
@@ -644,11 +848,11 @@ static void run_chunk(const Job *j, int p, int c) {
     }
     case K_FFN_KEY:
         rows_of(c, j->row_chunk_c, F, &lo, &hi);
-        linear_rows(P[P_FFN_KEY], C, bf->kx, C, B, bf->hid, F, lo, hi, OUT_RELU_SQ);
+        linear_rows(P[P_FFN_KEY], S[P_FFN_KEY], wk, C, bf->kx, C, B, bf->hid, F, lo, hi, OUT_RELU_SQ);
         return;
     default: /* K_FFN_VALUE; the ln2 phase, the only reader of the ffn shift, is over */
         rows_of(c, j->row_chunk_f, C, &lo, &hi);
-        linear_rows(P[P_FFN_VALUE], F, bf->hid, F, B, bf->x, C, lo, hi, OUT_ADD);
+        linear_rows(P[P_FFN_VALUE], S[P_FFN_VALUE], wk, F, bf->hid, F, B, bf->x, C, lo, hi, OUT_ADD);
         for (int b = 0; b < B; b++)
             memcpy(shift1 + (size_t)b * C + lo, bf->h2 + (size_t)b * C + lo, sizeof(float) * (hi - lo));
         return;
@@ -818,6 +1022,21 @@ static void run_job(const Job *proto, int nthreads) {
 
 /* ---------------------------------------------------------------------------- entry points */
 
+/* The floor of a step: read `n` floats once, cut into the same ~64 KB chunks and run by the same
+ * threads and scheduler as a step (nthreads as in rwkv7_step), with a plain vectorised sum.
+ * sums: one float per chunk, ceil(n / 16384). Returns 0, -1 for too many chunks. */
+int rwkv7_read_pass(const float *buf, int64_t n, float *sums, int32_t nthreads) {
+    if (n < 1) return 0;
+    if ((n + ROW_CHUNK_FLOATS - 1) / ROW_CHUNK_FLOATS > 0xFFFFFF) return -1;
+    Job j;
+    memset(&j, 0, sizeof j);
+    j.read_buf = buf;
+    j.read_floats = n;
+    j.read_sums = sums;
+    run_job(&j, nthreads < 1 ? 1 : nthreads);
+    return 0;
+}
+
 /* Floats of scratch memory rwkv7_step needs for `batch` streams. */
 int64_t rwkv7_scratch_floats(const int32_t *d, int32_t batch) {
     const int64_t B = batch, C = d[D_C];
@@ -827,23 +1046,28 @@ int64_t rwkv7_scratch_floats(const int32_t *d, int32_t batch) {
 static int round4(int x) { return x < 4 ? 4 : (x + 3) / 4 * 4; }
 
 /* One token for `batch` streams. dims: see D_*; eps: {layer-norm eps, GroupNorm eps};
- * params: the LAYOUT table; idx [batch] token ids; shift, wkv: the State tensors (updated in
+ * params: the LAYOUT table, where the matrices marked '*' are stored as `weights` (W_FP32,
+ * W_BF16 or W_INT8); scales: a table parallel to params with each int8 matrix's per-row
+ * float32 scales (entries of other parameters are ignored and may be NULL); idx [batch] token ids; shift, wkv: the State tensors (updated in
  * place); logits [batch, V] written; scratch: rwkv7_scratch_floats(dims, batch) floats;
  * nthreads: the calling thread plus nthreads - 1 helpers.
  * Returns 0; 1 + the position of the first token id out of range; -1 for more than 9000
- * layers (nothing is touched on an error). */
-int rwkv7_step(const int32_t *dims, const float *eps, const float *const *params, int32_t batch,
-               const int64_t *idx, float *shift, float *wkv, float *logits, float *scratch,
+ * layers; -2 for an unknown `weights` (nothing is touched on an error). */
+int rwkv7_step(const int32_t *dims, const float *eps, const float *const *params,
+               const float *const *scales, int32_t weights, int32_t batch, const int64_t *idx, float *shift, float *wkv, float *logits, float *scratch,
                int32_t nthreads) {
     for (int b = 0; b < batch; b++)
         if (idx[b] < 0 || idx[b] >= dims[D_V]) return 1 + b;
     if (batch < 1) return 0;
+    if (weights < W_FP32 || weights > W_INT8) return -2;
     Job j;
     memset(&j, 0, sizeof j);
     memcpy(j.d, dims, sizeof j.d);
     j.eps[0] = eps[0];
     j.eps[1] = eps[1];
     j.params = params;
+    j.scales = scales;
+    j.wkind = weights;
     j.B = batch;
     j.idx = idx;
     j.shift = shift;

@@ -1,0 +1,111 @@
+"""Reduced-precision storage of weight matrices for the compiled CPU step.
+
+A token at batch 1 reads every weight once, so its floor is the bytes read divided by the
+memory bandwidth; storing the large matrices in fewer bytes lowers that floor. The formats:
+
+    fp32  the float32 matrix itself (4 bytes a weight)
+    bf16  the top 16 bits of each float32, rounded to nearest even (2 bytes a weight): the
+          kernel widens a weight back with a 16-bit shift, exactly
+    int8  symmetric per-row quantisation (1 byte a weight + one float32 scale per row):
+          w[r, i] ~ q[r, i] * scale[r], scale[r] = max_i |w[r, i]| / 127, q = round(w / scale)
+
+Packed matrices are also tiled, [rows / 4][cols / TILE][4][TILE] (zero-padded to whole
+tiles), so that the kernel reads each group of 4 rows as one sequential stream (rwkv7_step.c,
+linear_rows), and bf16 columns are paired: in each block of 2 * pair columns, 32-bit word j
+holds column j (low half) and column pair + j (high half), so that one vector load widens to
+two float vectors with a shift and a mask (pair = the kernel's vector width; 1 = plain order).
+fp32 matrices are the model's own, row-major, read in place.
+
+`pack` makes the tensors the kernel reads; `unpack` gives back the float32 matrix those bytes
+stand for, so a test can run the PyTorch reference step on exactly the weights the kernel uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# The names the settings use, and the codes the C side uses (W_FP32, W_BF16, W_INT8).
+WEIGHT_FORMATS: dict[str, int] = {"fp32": 0, "bf16": 1, "int8": 2}
+# The default of [daemon] weights, `complete --weights` and `bench step --target-weights`,
+# chosen by measurement (docs/cpu-step.md, "Weight formats").
+DEFAULT_WEIGHTS = "bf16"
+INT8_LEVELS = 127  # q in [-127, 127]: symmetric, so -128 is never used and 0 stays exact
+TILE = 64  # columns per tile row; TILE in rwkv7_step.c
+ROWS_PER_GROUP = 4  # rows per tile; the kernel's matvec takes 4 rows at a time
+
+
+@dataclass(frozen=True)
+class PackedMatrix:
+    """One matrix [rows, cols] as the kernel reads it: `data` is the float32 matrix itself, or
+    tiled int16 (bf16 bits) or int8 [ceil(rows / 4), ceil(cols / TILE), 4, TILE]; for int8,
+    `scale` float32 [rows] (per row, not padded)."""
+
+    data: Tensor
+    rows: int
+    cols: int
+    scale: Tensor | None = None
+    pair: int = 1  # bf16 column pairing (see the module docstring)
+
+    @property
+    def nbytes(self) -> int:
+        extra = self.scale.numel() * self.scale.element_size() if self.scale is not None else 0
+        return self.data.numel() * self.data.element_size() + extra
+
+
+def check_format(weights: str) -> str:
+    """`weights` if it is a known format, else ValueError naming the allowed ones."""
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {weights!r}; allowed: {', '.join(WEIGHT_FORMATS)}")
+    return weights
+
+
+@torch.no_grad()
+def pack(matrix: Tensor, weights: str, bf16_pair: int = 1) -> PackedMatrix:
+    """A float32 matrix [rows, cols] in format `weights` (a new tensor unless fp32); bf16
+    columns paired `bf16_pair` apart (the kernel's `CpuStepLibrary.bf16_pair`)."""
+    check_format(weights)
+    rows, cols = matrix.shape
+    if weights == "fp32":
+        return PackedMatrix(matrix, rows, cols)
+    if weights == "bf16":
+        if bf16_pair < 1 or TILE % (2 * bf16_pair):
+            raise ValueError(f"bf16 pair distance {bf16_pair} does not divide a tile of {TILE} in pairs")
+        # torch's float32 -> bfloat16 conversion rounds to nearest even; int16 carries the bits
+        tiles = _tiled(matrix.to(torch.bfloat16).view(torch.int16))
+        shape = tiles.shape
+        paired = tiles.view(*shape[:3], TILE // (2 * bf16_pair), 2, bf16_pair).transpose(-1, -2)
+        return PackedMatrix(paired.contiguous().view(shape), rows, cols, pair=bf16_pair)
+    peak = matrix.abs().amax(dim=1)  # [rows]
+    scale = torch.where(peak > 0, peak / INT8_LEVELS, torch.ones_like(peak)).float()
+    q = torch.round(matrix / scale[:, None]).clamp_(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
+    return PackedMatrix(_tiled(q), rows, cols, scale.contiguous())
+
+
+def _tiled(matrix: Tensor) -> Tensor:
+    """[rows, cols] -> [ceil(rows / 4), ceil(cols / TILE), 4, TILE], zero-padded, contiguous."""
+    rows, cols = matrix.shape
+    groups, tiles = -(-rows // ROWS_PER_GROUP), -(-cols // TILE)
+    padded = matrix.new_zeros(groups * ROWS_PER_GROUP, tiles * TILE)
+    padded[:rows, :cols] = matrix
+    return padded.view(groups, ROWS_PER_GROUP, tiles, TILE).permute(0, 2, 1, 3).contiguous()
+
+
+@torch.no_grad()
+def unpack(packed: PackedMatrix) -> Tensor:
+    """The float32 matrix [rows, cols] that the packed bytes stand for."""
+    data = packed.data
+    if data.dtype == torch.float32:
+        return data.clone()
+    groups, tiles = data.shape[:2]
+    if data.dtype == torch.int16:  # undo the column pairing
+        p = packed.pair
+        data = data.view(groups, tiles, ROWS_PER_GROUP, TILE // (2 * p), p, 2).transpose(-1, -2)
+        data = data.contiguous().view(groups, tiles, ROWS_PER_GROUP, TILE)
+    rows = data.permute(0, 2, 1, 3).reshape(groups * ROWS_PER_GROUP, tiles * TILE)[:packed.rows, :packed.cols]
+    if data.dtype == torch.int16:
+        return rows.contiguous().view(torch.bfloat16).float()
+    assert packed.scale is not None
+    return rows.float() * packed.scale[:, None]

@@ -1,0 +1,180 @@
+"""Reduced-precision weights in the CPU step (kernels/weight_formats.py, rwkv7_step.c).
+
+A kernel with bf16 or int8 matrices must compute exactly what the PyTorch step computes on the
+float32 matrices those bytes stand for (`unpack(pack(w))`), to the float32 tolerance of the fp32
+kernel; how far that is from the float32 model is a property of the format, reported by
+`rwkv-music evaluate --weights` on real music, not asserted here.
+"""
+
+import copy
+import shutil
+
+import pytest
+import torch
+
+from kernels import cpu_step
+from kernels.cpu_step import CpuStepKernel, cpu_step_kernel
+from kernels.weight_formats import INT8_LEVELS, TILE, pack, unpack
+from model import RWKV7, ModelConfig
+from tests.model_factory import random_model
+
+TOLERANCE = 1e-5
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) on PATH")
+PACKED = ("bf16", "int8")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Builds go to a folder of this pytest run; RWKV7.step is the PyTorch reference."""
+    monkeypatch.setenv(cpu_step.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "rwkv-music-cache"))
+    monkeypatch.delenv(cpu_step.COMPILER_ENV, raising=False)
+    monkeypatch.setenv(cpu_step.DISABLE_ENV, "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def with_unpacked_matrices(model: RWKV7, kernel: CpuStepKernel) -> RWKV7:
+    """A copy of `model` whose packable matrices hold what the kernel's packed bytes stand for."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            short = name.split(".", 2)[2] if name.startswith("blocks.") else name
+            if short in kernel.library.packable:
+                p.copy_(unpack(pack(p.detach(), kernel.weights, kernel.library.bf16_pair)))
+    return twin
+
+
+def compare_with_unpacked(model: RWKV7, weights: str, batch: int, n_tokens: int, threads: int = 2) -> None:
+    kernel = CpuStepKernel.for_model(model, weights)
+    assert kernel is not None, "the C compiler should build the kernel on this machine"
+    reference = with_unpacked_matrices(model, kernel)
+    gen = torch.Generator().manual_seed(batch)
+    ref_state, state = model.init_state(batch), model.init_state(batch)
+    for t in range(n_tokens):
+        idx = torch.randint(0, model.cfg.vocab_size, (batch,), generator=gen)
+        ref_logits, _ = reference.step(idx, ref_state)
+        logits = kernel.step(idx, state.shift, state.wkv, threads=threads)
+        assert rel_err(logits, ref_logits) <= TOLERANCE, f"logits at token {t}"
+        assert rel_err(state.wkv, ref_state.wkv) <= TOLERANCE, f"wkv state at token {t}"
+
+
+def test_weight_formats_pack_unpack():
+    torch.manual_seed(0)
+    w = torch.randn(7, 100) * torch.logspace(-3, 1, 7)[:, None]  # rows of very different sizes
+    w[3] = 0.0  # an all-zero row must stay zero (scale 1, not 0/0)
+    for pair in (1, 8, 16):  # the portable, AVX2 and AVX-512 builds' column pairing
+        bf16 = pack(w, "bf16", pair)
+        assert bf16.data.shape == (2, 2, 4, TILE) and bf16.data.dtype == torch.int16  # padded tiles
+        assert torch.equal(unpack(bf16), w.to(torch.bfloat16).float())
+    paired = pack(w, "bf16", 8).data[0, 0, 0].view(torch.uint16).int()  # row 0, columns 0..63
+    column = w[0].to(torch.bfloat16).view(torch.int16).view(torch.uint16).int()
+    assert paired[0] == column[0] and paired[1] == column[8] and paired[2] == column[1]  # word 0, then 1
+    int8 = pack(w, "int8")
+    assert int8.data.dtype == torch.int8 and int8.scale.shape == (7,)
+    err = (unpack(int8) - w).abs()
+    assert torch.all(err <= int8.scale[:, None] / 2 * (1 + 1e-6))  # rounding to nearest level
+    assert torch.all(unpack(int8)[3] == 0) and int8.data.abs().max() == INT8_LEVELS
+    assert torch.equal(unpack(pack(w, "fp32")), w)
+    with pytest.raises(ValueError, match="fp16"):
+        pack(w, "fp16")
+
+
+@pytest.mark.parametrize("weights", PACKED)
+@pytest.mark.parametrize("batch", [1, 2, 7])  # one stream; a pair; fours, a pair and one
+@needs_cc
+def test_cpu_step_packed_matches_torch_step_on_unpacked(weights, batch):
+    model = random_model(n_layer=2, n_embd=128, seed=1)
+    compare_with_unpacked(model, weights, batch, n_tokens=12)
+
+
+@pytest.mark.parametrize("weights", PACKED)
+@needs_cc
+def test_cpu_step_packed_partial_tiles(weights):
+    # C = 96 is not whole tiles, V = 53 not whole 4-row groups: zero padding that
+    # must never reach an output; one thread and two give the same answer.
+    cfg = ModelConfig(n_layer=2, n_embd=96, head_size=32, vocab_size=53)
+    torch.manual_seed(2)
+    model = RWKV7(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 1.0) if name == "emb.weight" else p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    compare_with_unpacked(model, weights, batch=3, n_tokens=8, threads=1)
+    compare_with_unpacked(model, weights, batch=3, n_tokens=8, threads=2)
+
+
+@needs_cc
+def test_cpu_step_packed_repacks_after_in_place_change():
+    model = random_model(n_layer=2, n_embd=64, seed=5)
+    kernel = CpuStepKernel.for_model(model, "bf16")
+    idx = torch.tensor([7])
+    state = model.init_state(1)
+    before = kernel.step(idx, state.shift, state.wkv)
+    new = random_model(n_layer=2, n_embd=64, seed=6)
+    model.load_state_dict(new.state_dict())  # in place: same storage, version counters move
+    state = model.init_state(1)
+    after = kernel.step(idx, state.shift, state.wkv)
+    ref, _ = with_unpacked_matrices(new, kernel).step(idx, new.init_state(1))
+    assert rel_err(after, ref) <= TOLERANCE and rel_err(after, before) > 0.1
+
+
+@needs_cc
+def test_cpu_step_bytes_per_token_and_routing(monkeypatch):
+    model = random_model(n_layer=2, n_embd=128, seed=0)
+    params = dict(model.named_parameters())
+    emb = params["emb.weight"]
+    fp32 = sum(p.numel() * 4 for p in params.values()) - emb.numel() * 4 + emb.shape[1] * 4
+    kernels = {w: CpuStepKernel.for_model(model, w) for w in ("fp32", "bf16", "int8")}
+    assert kernels["fp32"].bytes_per_token == fp32
+    packable = [p for name, p in params.items()
+                if (name.split(".", 2)[2] if name.startswith("blocks.") else name) in kernels["fp32"].library.packable]
+    assert len(packable) == 1 + 6 * model.cfg.n_layer  # head; r, k, v, output, FFN key and value
+    for w in ("bf16", "int8"):  # the packed matrices (tiles, scales) and the float32 rest
+        expected = fp32 - sum(p.numel() * 4 for p in packable) + sum(pack(p.detach(), w).nbytes for p in packable)
+        assert kernels[w].bytes_per_token == expected
+    assert kernels["int8"].bytes_per_token < kernels["bf16"].bytes_per_token < 0.6 * fp32
+    # RWKV7.step routes through the kernel of the model's step_weights
+    monkeypatch.delenv(cpu_step.DISABLE_ENV)
+    model.step_weights = "int8"
+    idx = torch.tensor([5, 9])
+    state, ref_state = model.init_state(2), model.init_state(2)
+    logits, _ = model.step(idx, state)
+    ref = cpu_step_kernel(model, "int8").step(idx, ref_state.shift, ref_state.wkv)
+    assert torch.equal(logits, ref)
+    model.step_weights = "fp16"
+    with pytest.raises(ValueError, match="allowed: fp32, bf16, int8"):
+        model.step(idx, state)
+
+
+@needs_cc
+def test_cpu_step_packed_portable_build(monkeypatch):
+    # The scalar fallback widens bf16 and int8 one weight at a time: same results.
+    monkeypatch.setenv(cpu_step.COMPILER_ENV, "cc -DRWKV7_SCALAR")
+    model = random_model(n_layer=2, n_embd=64, seed=3)
+    for weights in PACKED:
+        assert CpuStepKernel.for_model(model, weights).library.simd == "scalar"
+        compare_with_unpacked(model, weights, batch=5, n_tokens=6)
+
+
+def test_engine_keeps_its_weight_format_across_a_swap():
+    from daemon.engine import Engine
+    from model import load
+    from tools.complete import default_checkpoint
+
+    checkpoint = default_checkpoint()
+    if not checkpoint.is_file():
+        pytest.skip("checkpoints/default.safetensors is not present")
+    model, meta = load(checkpoint)
+    engine = Engine(model, meta, step_weights="int8")
+    assert model.step_weights == "int8"
+    new_model, new_meta = load(checkpoint)
+    engine.swap_model(new_model, new_meta)
+    assert new_model.step_weights == "int8"
+    with pytest.raises(ValueError, match="allowed"):
+        Engine(new_model, new_meta, step_weights="fp8")
