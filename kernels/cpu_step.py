@@ -490,14 +490,7 @@ class CpuStepKernel:
             return logits
         lib = self.library.cdll
         with self._lock:
-            choice = None
-            if not self.library.threads:
-                threads = 1
-            elif threads is None:
-                most = max(1, torch.get_num_threads())
-                choice = self._thread_choice.setdefault((batch, most), ThreadChoice())
-                threads = choice.choose(most)
-            threads = max(1, threads)
+            threads, choice = self._threads(threads, batch)
             start = time.perf_counter()
             scratch = self._scratch.get(batch)
             if scratch is None:
@@ -519,6 +512,18 @@ class CpuStepKernel:
         return logits
 
 
+    def _threads(self, threads: int | None, key: int) -> tuple[int, ThreadChoice | None]:
+        """(threads to run, the ThreadChoice that picked them or None): 1 for a library built
+        without threads, the caller's number, or the choice measured for `key` (a batch size,
+        -1 for the read pass) at torch's current thread count."""
+        if not self.library.threads:
+            return 1, None
+        if threads is not None:
+            return max(1, threads), None
+        most = max(1, torch.get_num_threads())
+        choice = self._thread_choice.setdefault((key, most), ThreadChoice())
+        return max(1, choice.choose(most)), choice
+
     def read_pass(self, buffer: Tensor, threads: int | None = None) -> None:
         """Read `buffer` (float32, contiguous, CPU) once, cut into the step's chunks and run by
         its threads and scheduler: the memory-bandwidth floor of a step reading as many bytes
@@ -529,15 +534,9 @@ class CpuStepKernel:
         n = buffer.numel()
         sums = torch.empty(-(-n // READ_CHUNK_FLOATS))
         with self._lock:
-            choice = None
-            if not self.library.threads:
-                threads = 1
-            elif threads is None:
-                most = max(1, torch.get_num_threads())
-                choice = self._thread_choice.setdefault((-1, most), ThreadChoice())
-                threads = choice.choose(most)
+            threads, choice = self._threads(threads, -1)
             start = time.perf_counter()
-            status = self.library.cdll.rwkv7_read_pass(buffer.data_ptr(), n, sums.data_ptr(), max(1, threads))
+            status = self.library.cdll.rwkv7_read_pass(buffer.data_ptr(), n, sums.data_ptr(), threads)
             if choice is not None:
                 choice.record(threads, time.perf_counter() - start)
         if status:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -402,3 +403,14 @@ def test_eval_without_pairs_skips_generation_and_bad_values_are_one_line_errors(
     assert cli_main(["eval", str(checkpoint), str(prepared), "--bars", "500", "--ngram-order", "2",
                      "--max-tokens", "500"]) == 2
     assert "lower --bars" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="the CPU step needs a C compiler (cc)")
+def test_bench_weights_reports_every_format_against_fp32(checkpoint, prepared, capsys):
+    assert cli_main(["bench", "weights", str(checkpoint), str(prepared), "--max-tokens", "300", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    formats = {f["weights"]: f for f in report["formats"]}
+    assert list(formats) == ["fp32", "bf16", "int8"] and report["tokens"] >= 300
+    assert formats["fp32"]["nll_change"] == 0.0 and formats["fp32"]["logits_rel_err_max"] == 0.0
+    assert formats["int8"]["bytes_per_token"] < formats["bf16"]["bytes_per_token"] < formats["fp32"]["bytes_per_token"]
+    assert 0 < formats["bf16"]["logits_rel_err_median"] < 0.05

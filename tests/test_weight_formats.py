@@ -17,6 +17,7 @@ from kernels.cpu_step import CpuStepKernel, cpu_step_kernel
 from kernels.weight_formats import INT8_LEVELS, TILE, pack, unpack
 from model import RWKV7, ModelConfig
 from tests.model_factory import random_model
+from tests.test_cpu_step import private_cache  # noqa: F401 - its autouse fixture serves here too
 
 TOLERANCE = 1e-5
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) on PATH")
@@ -25,18 +26,6 @@ PACKED = ("bf16", "int8")
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    """Builds go to a folder of this pytest run; RWKV7.step is the PyTorch reference."""
-    monkeypatch.setenv(cpu_step.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "rwkv-music-cache"))
-    monkeypatch.delenv(cpu_step.COMPILER_ENV, raising=False)
-    monkeypatch.setenv(cpu_step.DISABLE_ENV, "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def with_unpacked_matrices(model: RWKV7, kernel: CpuStepKernel) -> RWKV7:

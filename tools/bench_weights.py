@@ -119,18 +119,13 @@ def run(args: argparse.Namespace) -> int:
     from model import load
     from tools.bench import machine_description
     from tools.cli import UserError
-    from tools.evaluate import pieces_of
-    from train.shards import TokenShards
+    from tools.evaluate import checked_split, pieces_of
     from train.windows import TokenTable
 
     if args.max_tokens < 0:
         raise UserError("--max-tokens must be >= 0")
     model, meta = load(args.checkpoint)
-    shards = TokenShards(args.data, args.split, expected_vocab_hash=None)
-    if shards.vocab_hash != meta.vocab_hash:
-        raise UserError(f"{args.data} was prepared with another vocabulary than {args.checkpoint}")
-    if len(shards) == 0:
-        raise UserError(f"the {args.split} split of {args.data} is empty")
+    shards = checked_split(args.data, args.split, args.checkpoint, meta)
     pieces = pieces_of(shards, args.max_tokens, TokenTable.from_vocab(meta.tokenizer().vocab).bos_id)
     kernels = {w: CpuStepKernel.for_model(model, w) for w in WEIGHT_FORMATS}  # fp32 first: the reference
     if any(k is None for k in kernels.values()):

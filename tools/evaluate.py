@@ -163,6 +163,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------------- likelihood
 
 
+def checked_split(data: Path, split: str, checkpoint: Path, meta):
+    """The `split` of prepared directory `data` (TokenShards), refused with a one-line UserError
+    when it is empty or was prepared with another vocabulary than `checkpoint` (meta)."""
+    from tools.cli import UserError
+    from train.shards import TokenShards
+
+    shards = TokenShards(data, split, expected_vocab_hash=None)
+    if shards.vocab_hash != meta.vocab_hash:
+        raise UserError(f"{data} was prepared with another vocabulary than {checkpoint}")
+    if len(shards) == 0:
+        raise UserError(f"the {split} split of {data} is empty")
+    return shards
+
+
 def pieces_of(shards, max_tokens: int, bos_id: int) -> list[np.ndarray]:
     """The split's pieces as BOS-prefixed int64 id arrays, stopping after max_tokens (0 = all)."""
     out, total = [], 0
@@ -404,11 +418,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if not args.temperature > 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         raise UserError("--temperature must be > 0, --top-p in (0, 1], --top-k >= 0")
     model, meta = load(args.checkpoint)
-    shards = TokenShards(args.data, args.split, expected_vocab_hash=None)
-    if shards.vocab_hash != meta.vocab_hash:
-        raise UserError(f"{args.data} was prepared with another vocabulary than {args.checkpoint}")
-    if len(shards) == 0:
-        raise UserError(f"the {args.split} split of {args.data} is empty")
+    shards = checked_split(args.data, args.split, args.checkpoint, meta)
     tokenizer = meta.tokenizer()
     table = TokenTable.from_vocab(tokenizer.vocab)
     bos = table.bos_id

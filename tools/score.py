@@ -80,25 +80,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _pieces(data: Path, split: str, meta, tmp: str) -> tuple[list[np.ndarray], int]:
     """BOS-prefixed pieces of DATA and the number of skipped files."""
     from tools.cli import UserError
-    from tools.evaluate import pieces_of
+    from tools.evaluate import checked_split, pieces_of
     from train.prepare import prepare
-    from train.shards import TOKENIZER_FILE, TokenShards
+    from train.shards import TOKENIZER_FILE
     from train.windows import TokenTable
 
     bos = TokenTable.from_vocab(meta.tokenizer().vocab).bos_id
     if (data / TOKENIZER_FILE).is_file():
-        shards, skipped = TokenShards(data, split), 0
-    else:
-        if not data.is_dir():
-            raise UserError(f"{data} is neither a folder of MIDI files nor a prepared directory")
-        summary = prepare(data, tmp, tokenizer_params=meta.tokenizer_params, progress=False,
-                          assign_split=lambda rel: "test")
-        shards, skipped, split = TokenShards(tmp, "test"), len(summary.skipped), "test"
-    if shards.vocab_hash != meta.vocab_hash:
-        raise UserError(f"{data} was prepared with another vocabulary than the checkpoints")
-    if len(shards) == 0:
-        raise UserError(f"no piece to score in {data} ({split} split)")
-    return pieces_of(shards, 0, bos), skipped
+        return pieces_of(checked_split(data, split, Path("the checkpoints"), meta), 0, bos), 0
+    if not data.is_dir():
+        raise UserError(f"{data} is neither a folder of MIDI files nor a prepared directory")
+    summary = prepare(data, tmp, tokenizer_params=meta.tokenizer_params, progress=False,
+                      assign_split=lambda rel: "test")
+    if summary.pieces == 0:
+        raise UserError(f"no readable piece to score in {data} ({len(summary.skipped)} files skipped)")
+    return pieces_of(checked_split(Path(tmp), "test", Path("the checkpoints"), meta), 0, bos), len(summary.skipped)
 
 
 def run_score(args: argparse.Namespace) -> int:
