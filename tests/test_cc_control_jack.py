@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -200,7 +199,11 @@ def test_midi_learn_binds_the_next_cc_keeps_it_across_a_restart_and_output_laten
     finally:
         later.close()
     assert len(reference) >= 3 and len(early) >= 3, (reference, early)
-    shift = statistics.median(early) - statistics.median(reference)
+    # Where the notes are aimed: the least-delayed note of each answer. A busy machine only ever
+    # adds delay (the medians moved 3-4 ms apart under a CPU hog), and a note delayed by more
+    # than half a grid step (31 ms) counts against the next grid line, far below its aim: only
+    # offsets no more than 1.5 ms before the aim are taken.
+    shift = min(o for o in early if o > -21.5) - min(o for o in reference if o > -1.5)
     assert abs(shift + 20.0) < 1.0, f"notes moved by {shift:.2f} ms (want -20): {reference} / {early}"
 
 
