@@ -101,7 +101,9 @@ with distributed_cleanup():
 
 
 def torchrun(script: Path, *args: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A worker that dies of a signal prints its Python stack (seen once under load: rank 0 ended
+    # with SIGSEGV on resume, with nothing to say where).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          str(script), *args],
