@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import socket
 import time
 from dataclasses import dataclass, field
@@ -270,16 +271,15 @@ def run_watch(args: argparse.Namespace) -> int:
         end = time.monotonic() + args.seconds if args.seconds else None
         console = Console()
         try:
-            with Live(render(state, time.monotonic(), args.bars, target), console=console,
-                      auto_refresh=False, transient=False) as live:
+            # Ctrl-C is how a watch ends: a normal exit, not an error.
+            with contextlib.suppress(KeyboardInterrupt), Live(
+                render(state, time.monotonic(), args.bars, target), console=console,
+                auto_refresh=False, transient=False,
+            ) as live:
                 _loop(sock, state, live, args, subscribe, target, end)
-        except KeyboardInterrupt:
-            pass
         finally:
-            try:
+            with contextlib.suppress(OSError):  # the daemon is gone: nothing to tell
                 sock.send(unsubscribe)
-            except OSError:  # the daemon is gone: nothing to tell
-                pass
     return 0
 
 

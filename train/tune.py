@@ -140,11 +140,9 @@ def tunable_model(base, method: str, lora_rank: int, seed: int):
     if method == "state":
         cfg = ModelConfig(**{**base.cfg.to_dict(), "learned_state": True})
         model = RWKV7(cfg)
-        own = {k: v for k, v in model.state_dict().items() if k.startswith("state0.")}
-        base_state = base.state_dict()
-        if base.cfg.learned_state:  # tuning a tuned model again: start from its State
-            own = {k: base_state[k] for k in own}
-        model.load_state_dict({**{k: v for k, v in base_state.items() if not k.startswith("state0.")}, **own})
+        # Every base weight; the State stays zero unless the base is state-tuned already.
+        missing, _ = model.load_state_dict(base.state_dict(), strict=False)
+        assert all(k.startswith("state0.") for k in missing), missing
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("state0."))
         return model, list(model.state0.parameters())
@@ -259,7 +257,7 @@ def tune(midi_dir: Path | str, out: Path | str, base: Path | str, cfg: TuneConfi
     table = TokenTable.from_vocab(base_meta.tokenizer().vocab)
 
     with tempfile.TemporaryDirectory(prefix="rwkv-music-tune-") as tmp:
-        rels = [s.rel for s in find_sources(midi_dir)] if any(midi_dir.rglob("*")) else []
+        rels = [s.rel for s in find_sources(midi_dir)]
         val_rels = choose_val_pieces(rels, cfg.val_pieces)
         summary = prepare(midi_dir, tmp, tokenizer_params=base_meta.tokenizer_params, progress=progress,
                           assign_split=lambda rel: "val" if rel in val_rels else "train")
