@@ -109,11 +109,24 @@ class CpuStepLibrary:
     layer_params: tuple[tuple[str, tuple[str, ...]], ...]  # names after "blocks.<i>."
     dim_names: tuple[str, ...]
     packable: frozenset[str]  # parameter names (as in the two tables) that may be stored packed
+    transposed: frozenset[str]  # those of them packed as their transposes (the LoRA matrices)
     bf16_pair: int  # the column pairing packed bf16 rows need (the vector width)
+    phase_names: tuple[str, ...]  # the kinds of phase a token runs (rwkv7_phase_names)
+    profiling: bool  # built with -DRWKV7_PROFILE: `phase_times` answers
 
     def describe(self) -> str:
         threads = "threads" if self.threads else "one thread"
         return f"{self.simd}, {threads}, {' '.join(self.flags)}"
+
+    def phase_times(self) -> dict[str, tuple[float, float]]:
+        """Per kind of phase, (wall seconds, busy seconds summed over threads) of every step
+        since the last call, which resets them. Needs a `load_library(profile=True)` build."""
+        if not self.profiling:
+            raise CpuStepUnavailableError("this build does not profile its phases (load_library(profile=True))")
+        n = len(self.phase_names)
+        out = (ctypes.c_double * (2 * n))()
+        self.cdll.rwkv7_profile(out)
+        return {name: (out[k], out[n + k]) for k, name in enumerate(self.phase_names)}
 
 
 _library_lock = threading.Lock()
@@ -156,10 +169,15 @@ def library_key(compiler: list[str]) -> str:
     return digest.hexdigest()[:20]
 
 
-def load_library() -> CpuStepLibrary:
+PROFILE_DEFINE = "-DRWKV7_PROFILE"
+
+
+def load_library(profile: bool = False) -> CpuStepLibrary:
     """The compiled kernel library for this source, compiler and CPU: cached on disk and per
-    process. Raises CpuStepUnavailableError (remembered for the process) when it cannot be built."""
-    compiler = compiler_command()
+    process. Raises CpuStepUnavailableError (remembered for the process) when it cannot be built.
+    `profile`: a separate build that times its phases (`CpuStepLibrary.phase_times`), slower
+    by two clock reads a chunk; `rwkv-music bench phases` uses it."""
+    compiler = compiler_command() + ([PROFILE_DEFINE] if profile else [])
     key = library_key(compiler)
     with _library_lock:
         outcome = _libraries.get(key)
@@ -227,6 +245,9 @@ def _describe(path: Path, cdll: ctypes.CDLL, flags: tuple[str, ...]) -> CpuStepL
         getattr(cdll, name).argtypes = []
     cdll.rwkv7_threads.restype = ctypes.c_int
     cdll.rwkv7_bf16_pair.restype = ctypes.c_int
+    cdll.rwkv7_phase_names.restype = ctypes.c_char_p
+    cdll.rwkv7_profile.restype = ctypes.c_int
+    cdll.rwkv7_profile.argtypes = [ctypes.c_void_p]
     cdll.rwkv7_scratch_floats.restype = ctypes.c_int64
     cdll.rwkv7_scratch_floats.argtypes = [ctypes.c_void_p, ctypes.c_int32]
     cdll.rwkv7_read_pass.restype = ctypes.c_int
@@ -234,25 +255,37 @@ def _describe(path: Path, cdll: ctypes.CDLL, flags: tuple[str, ...]) -> CpuStepL
     cdll.rwkv7_step.restype = ctypes.c_int
     cdll.rwkv7_step.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int32] * 2 + [ctypes.c_void_p] * 5
                                 + [ctypes.c_int32])
-    packable = set()
+    packable, transposed = set(), set()
 
     def parse(section: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
         entries = []
         for item in section.split():
-            if item.endswith("*"):
-                item = item[:-1]
+            if item.endswith(("*", "^")):
+                item, marker = item[:-1], item[-1]
                 packable.add(item.split("[")[0])
+                if marker == "^":
+                    transposed.add(item.split("[")[0])
             name, shape = item.rstrip("]").split("[")
             entries.append((name, tuple(shape.split(","))))
         return tuple(entries)
 
     global_part, layer_part = cdll.rwkv7_layout().decode().split("|")
+    phase_names = tuple(cdll.rwkv7_phase_names().decode().split())
     return CpuStepLibrary(
         path=path, cdll=cdll, flags=flags, simd=cdll.rwkv7_simd().decode(),
         threads=bool(cdll.rwkv7_threads()), global_params=parse(global_part),
         layer_params=parse(layer_part), dim_names=tuple(cdll.rwkv7_dim_names().decode().split()),
-        packable=frozenset(packable), bf16_pair=int(cdll.rwkv7_bf16_pair()),
+        packable=frozenset(packable), transposed=frozenset(transposed), bf16_pair=int(cdll.rwkv7_bf16_pair()),
+        phase_names=phase_names, profiling=cdll.rwkv7_profile((ctypes.c_double * (2 * len(phase_names)))()) > 0,
     )
+
+
+def pack_for_kernel(library: CpuStepLibrary, name: str, matrix: Tensor, weights: str) -> PackedMatrix:
+    """Parameter `name` (as in the layout table) stored as the kernel reads it in format
+    `weights`: packed, and first transposed for the LoRA matrices (rows = outputs)."""
+    if weights != "fp32" and name in library.transposed:
+        matrix = matrix.t().contiguous()
+    return pack(matrix, weights, library.bf16_pair)
 
 
 # ------------------------------------------------------------------------------- threads
@@ -264,12 +297,17 @@ class ThreadChoice:
     Each option keeps its last WINDOW wall times; the option with the lower median runs, and
     every EXPLORE_EVERY-th call runs the other one so that its times stay current (the load
     from other work comes and goes). A step's work is fixed, so its time only says how busy the
-    machine is.
+    machine is. When the other option was more than FAR times slower, it is tried only every
+    EXPLORE_FAR_EVERY-th call: on an idle 2-core machine one thread takes 1.7x as long, and
+    trying it every 16th token cost 4-5 % of all the time. Load that slows the running option
+    shows in its own times at once, so that option is left as soon as it stops being the best.
     """
 
     WINDOW = 5
     WARMUP = 3  # samples of each option before choosing
     EXPLORE_EVERY = 16
+    EXPLORE_FAR_EVERY = 64
+    FAR = 1.5
 
     def __init__(self) -> None:
         self._times: dict[int, deque[float]] = {}
@@ -284,7 +322,8 @@ class ThreadChoice:
             if len(self._times.setdefault(n, deque(maxlen=self.WINDOW))) < self.WARMUP:
                 return n
         best, other = sorted(options, key=self._median)
-        return other if self._calls % self.EXPLORE_EVERY == 0 else best
+        far = self._median(other) > self.FAR * self._median(best)
+        return other if self._calls % (self.EXPLORE_FAR_EVERY if far else self.EXPLORE_EVERY) == 0 else best
 
     def record(self, threads: int, seconds: float) -> None:
         self._times.setdefault(threads, deque(maxlen=self.WINDOW)).append(seconds)
@@ -321,6 +360,8 @@ class CpuStepKernel:
         # A weak reference: `cpu_step_kernel` keeps kernels in a dict keyed weakly by model.
         self._model = weakref.ref(model)
         self._slots = self._parameter_slots(model)
+        self._slot_dicts = [params for params, _ in self._slots]
+        self._slot_keys = [attr for _, attr in self._slots]
         self._packed_slots = [i for i, name in enumerate(self._table_names()) if name in library.packable
                               ] if weights != "fp32" else []
         self._binding = self._bind(model)
@@ -391,10 +432,11 @@ class CpuStepKernel:
                 raise CpuStepUnavailableError(f"{name} ({attr}) is not contiguous")
         eps = self._norm_eps(model)
         ptrs = [t.data_ptr() for t in tensors]
+        names = self._table_names()
         read_ptrs, scale_ptrs = list(ptrs), [None] * len(ptrs)
         packed = []
         for i in self._packed_slots:
-            matrix = pack(tensors[i].detach(), self.weights, lib.bf16_pair)
+            matrix = pack_for_kernel(lib, names[i], tensors[i].detach(), self.weights)
             packed.append(matrix)
             read_ptrs[i] = matrix.data.data_ptr()
             if matrix.scale is not None:
@@ -435,11 +477,12 @@ class CpuStepKernel:
         return ln_eps.pop(), gn_eps.pop()
 
     def _current_binding(self) -> _Binding:
-        slots = self._slots
-        ptrs = [params[attr].data_ptr() for params, attr in slots]
-        changed = ptrs != self._binding.ptrs
+        # map() over the slots: a per-token cost (400 parameters at 12 layers), twice as fast
+        # as the same comprehension
+        tensors = list(map(dict.__getitem__, self._slot_dicts, self._slot_keys))
+        changed = list(map(Tensor.data_ptr, tensors)) != self._binding.ptrs
         if not changed and self._packed_slots:
-            versions = [slots[i][0][slots[i][1]]._version for i in self._packed_slots]
+            versions = [tensors[i]._version for i in self._packed_slots]
             changed = versions != self._binding.versions
         if changed:
             model = self._model()

@@ -9,12 +9,12 @@ memory bandwidth; storing the large matrices in fewer bytes lowers that floor. T
     int8  symmetric per-row quantisation (1 byte a weight + one float32 scale per row):
           w[r, i] ~ q[r, i] * scale[r], scale[r] = max_i |w[r, i]| / 127, q = round(w / scale)
 
-Packed matrices are also tiled, [rows / 4][cols / TILE][4][TILE] (zero-padded to whole
-tiles), so that the kernel reads each group of 4 rows as one sequential stream (rwkv7_step.c,
-linear_rows), and bf16 columns are paired: in each block of 2 * pair columns, 32-bit word j
-holds column j (low half) and column pair + j (high half), so that one vector load widens to
-two float vectors with a shift and a mask (pair = the kernel's vector width; 1 = plain order).
-fp32 matrices are the model's own, row-major, read in place.
+Packed matrices are row-major with each row padded with zero columns to a multiple of
+COLUMN_PAD (COLUMN_PAD in rwkv7_step.c), and bf16 columns are
+paired: in each block of 2 * pair columns, 32-bit word j holds column j (low half) and column
+pair + j (high half), so that one vector load widens to two float vectors with a shift and a
+mask (pair = the kernel's vector width; 1 = plain order). fp32 matrices are the model's own,
+row-major, read in place.
 
 `pack` makes the tensors the kernel reads; `unpack` gives back the float32 matrix those bytes
 stand for, so a test can run the PyTorch reference step on exactly the weights the kernel uses.
@@ -33,15 +33,14 @@ WEIGHT_FORMATS: dict[str, int] = {"fp32": 0, "bf16": 1, "int8": 2}
 # chosen by measurement (docs/cpu-step.md, "Weight formats").
 DEFAULT_WEIGHTS = "bf16"
 INT8_LEVELS = 127  # q in [-127, 127]: symmetric, so -128 is never used and 0 stays exact
-TILE = 64  # columns per tile row; TILE in rwkv7_step.c
-ROWS_PER_GROUP = 4  # rows per tile; the kernel's matvec takes 4 rows at a time
+COLUMN_PAD = 32  # packed rows are padded to a multiple of this many columns
 
 
 @dataclass(frozen=True)
 class PackedMatrix:
     """One matrix [rows, cols] as the kernel reads it: `data` is the float32 matrix itself, or
-    tiled int16 (bf16 bits) or int8 [ceil(rows / 4), ceil(cols / TILE), 4, TILE]; for int8,
-    `scale` float32 [rows] (per row, not padded)."""
+    int16 (bf16 bits, paired columns) or int8 [rows, cols rounded up to COLUMN_PAD]; for int8,
+    `scale` float32 [rows]."""
 
     data: Tensor
     rows: int
@@ -71,26 +70,25 @@ def pack(matrix: Tensor, weights: str, bf16_pair: int = 1) -> PackedMatrix:
     if weights == "fp32":
         return PackedMatrix(matrix, rows, cols)
     if weights == "bf16":
-        if bf16_pair < 1 or TILE % (2 * bf16_pair):
-            raise ValueError(f"bf16 pair distance {bf16_pair} does not divide a tile of {TILE} in pairs")
+        if bf16_pair < 1 or COLUMN_PAD % (2 * bf16_pair):
+            raise ValueError(f"bf16 pair distance {bf16_pair} does not divide {COLUMN_PAD} columns in pairs")
         # torch's float32 -> bfloat16 conversion rounds to nearest even; int16 carries the bits
-        tiles = _tiled(matrix.to(torch.bfloat16).view(torch.int16))
-        shape = tiles.shape
-        paired = tiles.view(*shape[:3], TILE // (2 * bf16_pair), 2, bf16_pair).transpose(-1, -2)
-        return PackedMatrix(paired.contiguous().view(shape), rows, cols, pair=bf16_pair)
+        padded = _padded(matrix.to(torch.bfloat16).view(torch.int16))
+        blocks = padded.shape[1] // (2 * bf16_pair)
+        paired = padded.view(rows, blocks, 2, bf16_pair).transpose(-1, -2)
+        return PackedMatrix(paired.contiguous().view(padded.shape), rows, cols, pair=bf16_pair)
     peak = matrix.abs().amax(dim=1)  # [rows]
     scale = torch.where(peak > 0, peak / INT8_LEVELS, torch.ones_like(peak)).float()
     q = torch.round(matrix / scale[:, None]).clamp_(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
-    return PackedMatrix(_tiled(q), rows, cols, scale.contiguous())
+    return PackedMatrix(_padded(q), rows, cols, scale.contiguous())
 
 
-def _tiled(matrix: Tensor) -> Tensor:
-    """[rows, cols] -> [ceil(rows / 4), ceil(cols / TILE), 4, TILE], zero-padded, contiguous."""
+def _padded(matrix: Tensor) -> Tensor:
+    """[rows, cols] -> [rows, cols rounded up to COLUMN_PAD], zero-padded, contiguous."""
     rows, cols = matrix.shape
-    groups, tiles = -(-rows // ROWS_PER_GROUP), -(-cols // TILE)
-    padded = matrix.new_zeros(groups * ROWS_PER_GROUP, tiles * TILE)
-    padded[:rows, :cols] = matrix
-    return padded.view(groups, ROWS_PER_GROUP, tiles, TILE).permute(0, 2, 1, 3).contiguous()
+    padded = matrix.new_zeros(rows, -(-cols // COLUMN_PAD) * COLUMN_PAD)
+    padded[:, :cols] = matrix
+    return padded
 
 
 @torch.no_grad()
@@ -99,12 +97,11 @@ def unpack(packed: PackedMatrix) -> Tensor:
     data = packed.data
     if data.dtype == torch.float32:
         return data.clone()
-    groups, tiles = data.shape[:2]
+    rows, width = data.shape
     if data.dtype == torch.int16:  # undo the column pairing
         p = packed.pair
-        data = data.view(groups, tiles, ROWS_PER_GROUP, TILE // (2 * p), p, 2).transpose(-1, -2)
-        data = data.contiguous().view(groups, tiles, ROWS_PER_GROUP, TILE)
-    rows = data.permute(0, 2, 1, 3).reshape(groups * ROWS_PER_GROUP, tiles * TILE)[:packed.rows, :packed.cols]
+        data = data.view(rows, width // (2 * p), p, 2).transpose(-1, -2).contiguous().view(rows, width)
+    rows = data[:, :packed.cols]
     if data.dtype == torch.int16:
         return rows.contiguous().view(torch.bfloat16).float()
     assert packed.scale is not None

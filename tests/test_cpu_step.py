@@ -280,6 +280,33 @@ def test_bench_step_smoke():
 
 
 @needs_cc
+def test_bench_phases_accounts_for_the_whole_token():
+    result = subprocess.run(
+        [sys.executable, "-m", "tools", "bench", "phases", "--json", "--configs", "L2-D64",
+         "--tokens", "30", "--streams", "1,2", "--threads", "2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    reports = json.loads(result.stdout)["reports"]
+    assert [r["streams"] for r in reports] == [1, 2]
+    names = cpu_step.load_library().phase_names
+    for report in reports:
+        rows = {row["phase"]: row for row in report["rows"]}
+        assert list(rows) == [*names, "outside the phases"]
+        inside = sum(rows[n]["ms"] for n in names)
+        assert 0 < inside <= report["call_ms"]  # the phases happen inside the call
+        assert abs(inside + rows["outside the phases"]["ms"] - report["call_ms"]) < 1e-9
+        for matvec in ("proj", "out", "ffn_key", "ffn_value"):
+            assert rows[matvec]["mb"] > 0 and rows[matvec]["gb_per_s"] > 0 and rows[matvec]["busy_ms"] > 0
+        assert rows["heads"]["mb"] == 0 and rows["heads"]["busy_ms"] > 0
+    # The ordinary build has no profile to give.
+    library = cpu_step.load_library()
+    assert not library.profiling
+    with pytest.raises(cpu_step.CpuStepUnavailableError, match="profile"):
+        library.phase_times()
+
+
+@needs_cc
 def test_cpu_step_same_bits_on_any_thread_count():
     # Chunks are fixed by the sizes, not by the threads, so who runs them changes nothing.
     model = random_model(n_layer=2, n_embd=128, seed=4)
@@ -294,15 +321,19 @@ def test_cpu_step_same_bits_on_any_thread_count():
             assert torch.equal(states[n].wkv, states[1].wkv) and torch.equal(states[n].shift, states[1].shift)
 
 
-def test_thread_choice_runs_the_faster_option_and_keeps_checking_the_other():
+@pytest.mark.parametrize("one_thread_s, explore_every", [
+    (0.0024, ThreadChoice.EXPLORE_EVERY),  # close (1.2x): checked every 16th call
+    (0.005, ThreadChoice.EXPLORE_FAR_EVERY),  # far (2.5x): every 64th
+])
+def test_thread_choice_runs_the_faster_option_and_keeps_checking_the_other(one_thread_s, explore_every):
     choice = ThreadChoice()
     seen = []
     for _ in range(2 * ThreadChoice.WARMUP):  # both options are tried first
         n = choice.choose(4)
         seen.append(n)
-        choice.record(n, 0.002 if n == 4 else 0.005)
+        choice.record(n, 0.002 if n == 4 else one_thread_s)
     assert sorted(set(seen)) == [1, 4]
-    picks = [choice.choose(4) for _ in range(4 * ThreadChoice.EXPLORE_EVERY)]
+    picks = [choice.choose(4) for _ in range(4 * explore_every)]
     assert picks.count(1) == 4 and picks.count(4) == len(picks) - 4
     for _ in range(ThreadChoice.WINDOW):  # the machine got busy: one thread is faster now
         choice.record(4, 0.009)

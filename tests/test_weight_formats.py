@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from kernels import cpu_step
-from kernels.cpu_step import CpuStepKernel, cpu_step_kernel
-from kernels.weight_formats import INT8_LEVELS, TILE, pack, unpack
+from kernels.cpu_step import CpuStepKernel, cpu_step_kernel, pack_for_kernel
+from kernels.weight_formats import COLUMN_PAD, INT8_LEVELS, pack, unpack
 from model import RWKV7, ModelConfig
 from tests.model_factory import random_model
 from tests.test_cpu_step import private_cache  # noqa: F401 - its autouse fixture serves here too
@@ -35,7 +35,8 @@ def with_unpacked_matrices(model: RWKV7, kernel: CpuStepKernel) -> RWKV7:
         for name, p in twin.named_parameters():
             short = name.split(".", 2)[2] if name.startswith("blocks.") else name
             if short in kernel.library.packable:
-                p.copy_(unpack(pack(p.detach(), kernel.weights, kernel.library.bf16_pair)))
+                stored = unpack(pack_for_kernel(kernel.library, short, p.detach(), kernel.weights))
+                p.copy_(stored.t() if short in kernel.library.transposed else stored)
     return twin
 
 
@@ -57,15 +58,16 @@ def test_weight_formats_pack_unpack():
     torch.manual_seed(0)
     w = torch.randn(7, 100) * torch.logspace(-3, 1, 7)[:, None]  # rows of very different sizes
     w[3] = 0.0  # an all-zero row must stay zero (scale 1, not 0/0)
+    padded_width = -(-100 // COLUMN_PAD) * COLUMN_PAD
     for pair in (1, 8, 16):  # the portable, AVX2 and AVX-512 builds' column pairing
         bf16 = pack(w, "bf16", pair)
-        assert bf16.data.shape == (2, 2, 4, TILE) and bf16.data.dtype == torch.int16  # padded tiles
+        assert bf16.data.shape == (7, padded_width) and bf16.data.dtype == torch.int16  # padded rows
         assert torch.equal(unpack(bf16), w.to(torch.bfloat16).float())
-    paired = pack(w, "bf16", 8).data[0, 0, 0].view(torch.uint16).int()  # row 0, columns 0..63
+    paired = pack(w, "bf16", 8).data[0].view(torch.uint16).int()  # row 0
     column = w[0].to(torch.bfloat16).view(torch.int16).view(torch.uint16).int()
     assert paired[0] == column[0] and paired[1] == column[8] and paired[2] == column[1]  # word 0, then 1
     int8 = pack(w, "int8")
-    assert int8.data.dtype == torch.int8 and int8.scale.shape == (7,)
+    assert int8.data.dtype == torch.int8 and int8.data.shape == (7, padded_width) and int8.scale.shape == (7,)
     err = (unpack(int8) - w).abs()
     assert torch.all(err <= int8.scale[:, None] / 2 * (1 + 1e-6))  # rounding to nearest level
     assert torch.all(unpack(int8)[3] == 0) and int8.data.abs().max() == INT8_LEVELS
@@ -84,9 +86,9 @@ def test_cpu_step_packed_matches_torch_step_on_unpacked(weights, batch):
 
 @pytest.mark.parametrize("weights", PACKED)
 @needs_cc
-def test_cpu_step_packed_partial_tiles(weights):
-    # C = 96 is not whole tiles, V = 53 not whole 4-row groups: zero padding that
-    # must never reach an output; one thread and two give the same answer.
+def test_cpu_step_packed_partial_rows_and_runs(weights):
+    # C = 96 is not whole padded rows, V = 53 not whole runs of rows: zero padding that
+    # must never reach an output, short runs; one thread and two give the same answer.
     cfg = ModelConfig(n_layer=2, n_embd=96, head_size=32, vocab_size=53)
     torch.manual_seed(2)
     model = RWKV7(cfg)
@@ -121,11 +123,15 @@ def test_cpu_step_bytes_per_token_and_routing(monkeypatch):
     fp32 = sum(p.numel() * 4 for p in params.values()) - emb.numel() * 4 + emb.shape[1] * 4
     kernels = {w: CpuStepKernel.for_model(model, w) for w in ("fp32", "bf16", "int8")}
     assert kernels["fp32"].bytes_per_token == fp32
-    packable = [p for name, p in params.items()
-                if (name.split(".", 2)[2] if name.startswith("blocks.") else name) in kernels["fp32"].library.packable]
-    assert len(packable) == 1 + 6 * model.cfg.n_layer  # head; r, k, v, output, FFN key and value
-    for w in ("bf16", "int8"):  # the packed matrices (tiles, scales) and the float32 rest
-        expected = fp32 - sum(p.numel() * 4 for p in packable) + sum(pack(p.detach(), w).nbytes for p in packable)
+    library = kernels["fp32"].library
+    packable = [(name.split(".", 2)[2] if name.startswith("blocks.") else name, p) for name, p in params.items()]
+    packable = [(short, p) for short, p in packable if short in library.packable]
+    # head; r, k, v, output, FFN key and value; the 8 LoRA matrices (packed transposed)
+    assert len(packable) == 1 + 14 * model.cfg.n_layer
+    assert sum(short in library.transposed for short, _ in packable) == 8 * model.cfg.n_layer
+    for w in ("bf16", "int8"):  # the packed matrices (padded rows, scales) and the float32 rest
+        expected = fp32 - sum(p.numel() * 4 for _, p in packable)
+        expected += sum(pack_for_kernel(library, short, p.detach(), w).nbytes for short, p in packable)
         assert kernels[w].bytes_per_token == expected
     assert kernels["int8"].bytes_per_token < kernels["bf16"].bytes_per_token < 0.6 * fp32
     # RWKV7.step routes through the kernel of the model's step_weights

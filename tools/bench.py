@@ -12,13 +12,14 @@ import importlib.util
 import os
 import platform
 
-BENCH_MODULES = ["tools.bench_step", "tools.bench_weights", "tools.bench_train", "tools.bench_daemon", "tools.soak"]
+BENCH_MODULES = ["tools.bench_step", "tools.bench_phases", "tools.bench_weights", "tools.bench_train",
+                 "tools.bench_daemon", "tools.soak"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
-        help="benchmarks (step latency, weight formats, training throughput, daemon timing, soak)",
+        help="benchmarks (step latency, its phases, weight formats, training throughput, daemon timing, soak)",
         description="Benchmarks. Speed targets live here, not in unit tests.",
         epilog="examples:\n  rwkv-music bench step\n  rwkv-music bench step --json",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -3,14 +3,15 @@
  * Runs B streams through the whole network (embedding row -> ln0 -> blocks -> ln_out -> head)
  * and updates the recurrent state in place. The math is RWKV7.step in model/rwkv7.py, which
  * stays the reference; kernels/cpu_step.py builds this file and hands it the model's own
- * float32 parameters by address, or for the large matrices packed bf16 / int8 copies in tiles
- * (see linear_rows; kernels/weight_formats.py packs them). Sums are float32 throughout.
+ * float32 parameters by address, or for the matrices packed bf16 / int8 copies (see
+ * linear_rows; kernels/weight_formats.py packs them). Sums are float32 throughout.
  *
  * A token is bound by reading the weights (19 MB at 6 layers x 256, 151 MB at 12 x 512), so
- * every matrix is streamed row by row exactly once per token for all B streams (a block of
- * rows stays in L1 while the streams use it), and the elementwise work rides along: layer
- * norm with the token-shift mixes, LoRA activations and biases with the LoRA matvecs, and per
- * head the value residual, kk, the WKV update, GroupNorm, bonus and gate in one pass.
+ * every matrix is streamed row by row exactly once per token for all B streams (eight runs of
+ * rows at once, see ROW_STREAMS; the rows of a pass stay in L1 while the streams use them),
+ * and the elementwise work rides along: layer norm with the token-shift mixes, LoRA
+ * activations and biases with the LoRA matvecs, and per head the value residual, kk, the WKV
+ * update, GroupNorm, bonus and gate in one pass.
  *
  * Threads. A token is a fixed sequence of phases (ln0; per layer: ln1 and token shift; r, k, v
  * and the LoRA down-projections; the LoRA up-projections; the heads; the output projection;
@@ -22,7 +23,9 @@
  * the calling thread does the rest. Helpers spin briefly between tokens, then sleep.
  *
  * Layouts (torch fp32, contiguous, unless packed):
- *   nn.Linear weight [out, in] (packed: [out/4][in/64][4][64] bf16 bits or int8 + scale[out]); LoRA w1/a1/v1/g1 [C, D] and w2/a2/v2/g2 [D, C]; vectors [C];
+ *   nn.Linear weight [out, in] (packed: [out][in rounded up to COLUMN_PAD], bf16 bits with paired
+ *   columns or int8 + scale[out]); LoRA w1/a1/v1/g1 [C, D] and w2/a2/v2/g2 [D, C] (packed: their
+ *   transposes, as nn.Linear weights); vectors [C];
  *   r_k [H, N]; state shift [n_layer, 2, B, C]; state wkv [n_layer, B, H, N, N] (value, key).
  */
 
@@ -32,6 +35,9 @@
 
 #include <stdatomic.h>
 #include <string.h>
+#ifdef RWKV7_PROFILE
+#include <time.h>
+#endif
 
 #if !defined(RWKV7_NO_THREADS) && (defined(__unix__) || defined(__APPLE__))
 #define RWKV7_THREADS 1
@@ -208,8 +214,9 @@ static inline vec v_sigmoid(vec x) {
 /* Parameter table: the GLOBAL entries, then PER_LAYER entries for each block. Names are the
  * model's parameter names (per-layer ones after "blocks.<i>."), with their shapes in the size
  * symbols of `dims`; a trailing '*' marks the matrices that may be stored packed (bf16, int8:
- * see linear_rows), the ones that make up almost all the bytes of a token. cpu_step.py reads
- * this string, so the order lives only here. */
+ * see linear_rows), the ones that make up almost all the bytes of a token, and '^' the LoRA
+ * matrices, which are then packed as their transposes (rows = outputs), so that linear_rows
+ * reads them too. cpu_step.py reads this string, so the order lives only here. */
 enum { G_EMB, G_LN0_W, G_LN0_B, G_LNOUT_W, G_LNOUT_B, G_HEAD, N_GLOBAL };
 enum {
     P_LN1_W, P_LN1_B, P_LN2_W, P_LN2_B,
@@ -227,8 +234,8 @@ static const char LAYOUT[] =
     "|"
     "ln1.weight[C] ln1.bias[C] ln2.weight[C] ln2.bias[C] "
     "att.x_r[C] att.x_w[C] att.x_k[C] att.x_v[C] att.x_a[C] att.x_g[C] "
-    "att.w0[C] att.w1[C,Dw] att.w2[Dw,C] att.a0[C] att.a1[C,Da] att.a2[Da,C] "
-    "att.v0[C] att.v1[C,Dv] att.v2[Dv,C] att.g1[C,Dg] att.g2[Dg,C] "
+    "att.w0[C] att.w1[C,Dw]^ att.w2[Dw,C]^ att.a0[C] att.a1[C,Da]^ att.a2[Da,C]^ "
+    "att.v0[C] att.v1[C,Dv]^ att.v2[Dv,C]^ att.g1[C,Dg]^ att.g2[Dg,C]^ "
     "att.k_k[C] att.k_a[C] att.r_k[H,N] "
     "att.receptance.weight[C,C]* att.key.weight[C,C]* att.value.weight[C,C]* att.output.weight[C,C]* "
     "att.ln_x.weight[C] att.ln_x.bias[C] "
@@ -255,6 +262,8 @@ int rwkv7_threads(void) {
 }
 
 /* ---------------------------------------------------------------------------- small pieces */
+
+#define ROW_STREAMS 8 /* runs of rows a matvec pass reads at once; see linear_rows_kind */
 
 static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 
@@ -295,19 +304,19 @@ static float vec_sum(const float *x, int n) {
     return s;
 }
 
-/* A plain sum with 4 chains, fast enough that even from L3 it is bound by reading (the floor). */
+/* A plain sum of n floats read as ROW_STREAMS runs at once, as the matvec reads its rows (see
+ * ROW_STREAMS): the fastest way we know to read memory, so the floor of a step. */
 static float read_sum(const float *x, int n) {
-    vec acc0 = v_zero(), acc1 = v_zero(), acc2 = v_zero(), acc3 = v_zero();
-    int i = 0;
-    for (; i + 4 * VW <= n; i += 4 * VW) {
-        acc0 = v_add(acc0, v_load(x + i));
-        acc1 = v_add(acc1, v_load(x + i + VW));
-        acc2 = v_add(acc2, v_load(x + i + 2 * VW));
-        acc3 = v_add(acc3, v_load(x + i + 3 * VW));
-    }
-    float s = v_sum(v_add(v_add(acc0, acc1), v_add(acc2, acc3)));
-    for (; i < n; i++) s += x[i];
-    return s;
+    const int run = n / ROW_STREAMS / VW * VW;
+    vec acc[ROW_STREAMS];
+    for (int s = 0; s < ROW_STREAMS; s++) acc[s] = v_zero();
+    for (int i = 0; i < run; i += VW)
+        for (int s = 0; s < ROW_STREAMS; s++) acc[s] = v_add(acc[s], v_load(x + (size_t)s * run + i));
+    vec total = v_zero();
+    for (int s = 0; s < ROW_STREAMS; s++) total = v_add(total, acc[s]);
+    float sum = v_sum(total);
+    for (int i = ROW_STREAMS * run; i < n; i++) sum += x[i];
+    return sum;
 }
 
 static float vec_dot(const float *x, const float *y, int n) {
@@ -361,147 +370,118 @@ static inline void emit(float *o, float d, int mode) {
     else { d = d > 0.0f ? d : 0.0f; *o = d * d; }
 }
 
-/* Vectors per row per step of the matvec loop: 4 rows x UNROLL independent FMA chains keep
- * enough loads in flight to stream at memory speed (4 x 1 chains measured 20-40% slower).
- * AVX2 has half the registers of AVX-512. */
-#if VW == 16
-#define UNROLL 4
-#define QUAD_ROWS 4 /* rows per pass for 4 streams: 16 accumulators + 4 inputs + 1 weight of 32 registers */
-#else
-#define UNROLL 2
-#define QUAD_ROWS 2 /* 8 accumulators + 4 inputs + 1 weight of AVX2's 16 registers */
-#endif
+/* ROW_STREAMS (defined with read_sum) is the number of memory streams a matvec reads at once.
+ * One core reading one sequential stream fetched 14 GB/s here (AMD Zen 2); the same core
+ * reading four or eight streams in different pages at once fetched 21-23 GB/s, and two cores
+ * 40 GB/s against 27: the hardware prefetcher keeps more lines in flight. So a chunk of rows
+ * is cut into ROW_STREAMS runs of consecutive rows, and each pass of the matvec takes the next
+ * row of every run: each run is read front to back, and the rows of a pass lie far apart.
+ * (The tiles of 4 rows this replaced read one stream per core: 0.78x the speed.) */
+#define MAX_ACC 8 /* accumulators of a pass, rows x token streams: AVX2 has 16 registers */
 
-/* Packed matrices are stored in tiles, so that a group of 4 rows is one sequential stream:
- * [rows / 4][in / TILE][4][TILE] (rows padded with zero rows to a multiple of 4, columns with
- * zeros to a multiple of TILE). Row-major packed rows (1 KB for 512 bf16 weights) read as four
- * interleaved short streams inside one 4 KB page ran at half the memory bandwidth here (AMD
- * Zen 2): the hardware prefetcher does not follow them. kernels/weight_formats.py packs. */
-#define TILE 64
 
-/* Offset of column i in a row of a 4-row group: row-major (fp32 in place) or tiled. */
-static inline size_t col_at(size_t i, int tiled) { return tiled ? i + (i / TILE) * (3 * TILE) : i; }
+/* Packed rows are padded with zero columns to a multiple of COLUMN_PAD (kernels/weight_formats.py
+ * packs): whole pairs of bf16 vectors (16 columns on AVX2, 32 on AVX-512). Not more: a LoRA
+ * up-projection row has only 32 columns. */
+#define COLUMN_PAD 32
 
-/* Dot products of 4 weight rows with one stream's input x: dot[q] = w[q] . x, w[q] the start
- * of row q (row-major) or of its first tile row (tiled). */
-static inline __attribute__((always_inline)) void dot4_one(const void *const w[4], int kind, int tiled,
-                                                          const float *x, int in, float dot[4]) {
-    vec acc[4][UNROLL];
-    for (int q = 0; q < 4; q++)
-        for (int u = 0; u < UNROLL; u++) acc[q][u] = v_zero();
-    int i = 0;
-    for (; i + UNROLL * VW <= in; i += UNROLL * VW) { /* a step never straddles a tile */
-        const size_t at = col_at(i, tiled);
-        for (int u = 0; u < UNROLL; u++) {
-            vec xu = v_load(x + i + u * VW);
-            for (int q = 0; q < 4; q++)
-                acc[q][u] = v_fma(w_load_half(w[q], at + (size_t)(u & ~1) * VW, u & 1, kind), xu, acc[q][u]);
-        }
-    }
-    for (; i + VW <= in; i += VW) {
-        vec xv = v_load(x + i);
-        for (int q = 0; q < 4; q++) acc[q][0] = v_fma(w_load(w[q], col_at(i, tiled), kind), xv, acc[q][0]);
-    }
-    for (int q = 0; q < 4; q++) {
-        for (int u = 1; u < UNROLL; u++) acc[q][0] = v_add(acc[q][0], acc[q][u]);
-        dot[q] = v_sum(acc[q][0]);
-    }
-    for (; i < in; i++)
-        for (int q = 0; q < 4; q++) dot[q] += w_one(w[q], col_at(i, tiled), kind) * x[i];
+/* Elements from one row of a matrix of `in` columns stored as `kind` to the next. */
+static inline size_t row_stride(int in, int kind) {
+    return kind == W_FP32 ? (size_t)in : (size_t)cdiv(in, COLUMN_PAD) * COLUMN_PAD;
 }
 
-/* Rows w[0..R) times G streams at once (inputs x + g*ldx): each weight vector is loaded (and
- * widened, when packed) once for the G streams, so K streams cost far less than K passes.
- * R and G are constants where it is inlined; R x G accumulators stay in registers. */
-static inline __attribute__((always_inline)) void dot_group(const void *const *w, int R, int G, int kind,
-                                                           int tiled, const float *x, int ldx, int in,
-                                                           float dot[4][4]) {
-    vec acc[4][4];
-    for (int g = 0; g < G; g++)
-        for (int q = 0; q < R; q++) acc[g][q] = v_zero();
+/* Dot products of R weight rows with G token streams' inputs: dot[g * R + q] = w[q] . x_g,
+ * x_g = x + g * ldx. Each weight vector is loaded (and widened, when packed) once for the G
+ * streams. R and G are constants where it is inlined (R * G <= MAX_ACC): the accumulators
+ * stay in registers. */
+static inline __attribute__((always_inline)) void dot_rows(const void *const *w, int R, int G, int kind,
+                                                          const float *x, int ldx, int in, float *dot) {
+    vec acc[MAX_ACC];
+    for (int k = 0; k < R * G; k++) acc[k] = v_zero();
     int i = 0;
-    for (; i + 2 * VW <= in; i += 2 * VW) { /* a step of two vectors never straddles a tile */
-        const size_t at = col_at(i, tiled);
+    /* two pairs of vectors a step (a cache line of bf16 weights a row): 4% faster than one */
+    for (; i + 4 * VW <= in; i += 4 * VW) {
+        for (int h = 0; h < 4; h++) {
+            vec xv[4];
+            for (int g = 0; g < G; g++) xv[g] = v_load(x + (size_t)g * ldx + i + h * VW);
+            for (int q = 0; q < R; q++) {
+                vec wq = w_load_half(w[q], (size_t)(i + (h / 2) * 2 * VW), h & 1, kind);
+                for (int g = 0; g < G; g++) acc[g * R + q] = v_fma(wq, xv[g], acc[g * R + q]);
+            }
+        }
+    }
+    for (; i + 2 * VW <= in; i += 2 * VW) { /* one pair of vectors: one packed bf16 load */
         for (int h = 0; h < 2; h++) {
             vec xv[4];
             for (int g = 0; g < G; g++) xv[g] = v_load(x + (size_t)g * ldx + i + h * VW);
             for (int q = 0; q < R; q++) {
-                vec wq = w_load_half(w[q], at, h, kind);
-                for (int g = 0; g < G; g++) acc[g][q] = v_fma(wq, xv[g], acc[g][q]);
+                vec wq = w_load_half(w[q], (size_t)i, h, kind);
+                for (int g = 0; g < G; g++) acc[g * R + q] = v_fma(wq, xv[g], acc[g * R + q]);
             }
         }
     }
-    for (; i + VW <= in; i += VW) {
-        const size_t at = col_at(i, tiled);
-        vec xv[4];
-        for (int g = 0; g < G; g++) xv[g] = v_load(x + (size_t)g * ldx + i);
-        for (int q = 0; q < R; q++) {
-            vec wq = w_load(w[q], at, kind);
-            for (int g = 0; g < G; g++) acc[g][q] = v_fma(wq, xv[g], acc[g][q]);
-        }
-    }
-    for (int g = 0; g < G; g++)
-        for (int q = 0; q < R; q++) dot[g][q] = v_sum(acc[g][q]);
-    for (; i < in; i++)
+    for (int k = 0; k < R * G; k++) dot[k] = v_sum(acc[k]);
+    for (; i < in; i++) /* a tail shorter than a pair of vectors */
         for (int g = 0; g < G; g++)
-            for (int q = 0; q < R; q++) dot[g][q] += w_one(w[q], col_at(i, tiled), kind) * x[(size_t)g * ldx + i];
+            for (int q = 0; q < R; q++) dot[g * R + q] += w_one(w[q], (size_t)i, kind) * x[(size_t)g * ldx + i];
 }
 
-/* Rows [r0, r1) (r0 a multiple of 4) of W times every stream's input; see linear_rows. */
+/* R rows (pointers w, output positions rows[]) times every token stream: streams in fours,
+ * then a pair, then one. */
+static inline __attribute__((always_inline)) void rows_times_streams(
+        const void *const *w, const int *rows, int R, const float *scale, int kind, int in,
+        const float *X, int ldx, int B, float *out, int ldo, int mode) {
+    float s[ROW_STREAMS];
+    for (int q = 0; q < R; q++) s[q] = scale ? scale[rows[q]] : 1.0f;
+    for (int b = 0; b < B;) {
+        const int G = B - b >= 4 && 4 * R <= MAX_ACC ? 4 : B - b >= 2 && 2 * R <= MAX_ACC ? 2 : 1;
+        float dot[MAX_ACC];
+        const float *xb = X + (size_t)b * ldx;
+        if (G == 4) dot_rows(w, R, 4, kind, xb, ldx, in, dot);
+        else if (G == 2) dot_rows(w, R, 2, kind, xb, ldx, in, dot);
+        else dot_rows(w, R, 1, kind, xb, ldx, in, dot);
+        for (int g = 0; g < G; g++)
+            for (int q = 0; q < R; q++) emit(out + (size_t)(b + g) * ldo + rows[q], dot[g * R + q] * s[q], mode);
+        b += G;
+    }
+}
+
+/* Rows [r0, r1) of W times every stream's input; see linear_rows. */
 static inline __attribute__((always_inline)) void linear_rows_kind(
         const void *W, const float *scale, int kind, int in, const float *X, int ldx, int B,
         float *out, int ldo, int r0, int r1, int mode) {
-    const int tiled = kind != W_FP32;
-    const size_t wb = w_bytes(kind);
-    const size_t group_bytes = tiled ? 4 * (size_t)cdiv(in, TILE) * TILE * wb : 4 * (size_t)in * wb;
-    const int full_rows = tiled ? r1 : r0 + (r1 - r0) / 4 * 4; /* tiled groups are padded to 4 */
-    int row = r0;
-    for (; row < full_rows; row += 4) {
-        const char *base = (const char *)W + (size_t)(row / 4) * group_bytes;
-        const int n = r1 - row < 4 ? r1 - row : 4; /* real rows in this group */
-        const void *w[4];
-        for (int q = 0; q < 4; q++) w[q] = base + (size_t)q * (tiled ? TILE : in) * wb;
-        float s[4] = {1.0f, 1.0f, 1.0f, 1.0f};
-        if (scale) for (int q = 0; q < n; q++) s[q] = scale[row + q];
-        int b = 0;
-        while (B - b >= 2) { /* streams in fours, then a pair */
-            const int G = B - b >= 4 ? 4 : 2;
-            float dot[4][4];
-            const float *xb = X + (size_t)b * ldx;
-            if (G == 4) {
-                for (int q0 = 0; q0 < 4; q0 += QUAD_ROWS) {
-                    float part[4][4];
-                    dot_group(w + q0, QUAD_ROWS, 4, kind, tiled, xb, ldx, in, part);
-                    for (int g = 0; g < 4; g++)
-                        for (int q = 0; q < QUAD_ROWS; q++) dot[g][q0 + q] = part[g][q];
-                }
-            } else {
-                dot_group(w, 4, 2, kind, tiled, xb, ldx, in, dot);
-            }
-            for (int g = 0; g < G; g++) {
-                float *o = out + (size_t)(b + g) * ldo + row;
-                for (int q = 0; q < n; q++) emit(o + q, dot[g][q] * s[q], mode);
-            }
-            b += G;
+    const size_t row_bytes = row_stride(in, kind) * w_bytes(kind);
+    /* rows per pass: ROW_STREAMS at one token stream, fewer when the accumulators of several
+     * token streams share the registers */
+    const int R = B >= 4 ? ROW_STREAMS / 4 : B >= 2 ? ROW_STREAMS / 2 : ROW_STREAMS;
+    const int n = r1 - r0, run = cdiv(n, R); /* rows [r0 + s*run, ...) are run s */
+    for (int t = 0; t < run; t++) {
+        const void *w[ROW_STREAMS];
+        int rows[ROW_STREAMS], m = 0;
+        for (int s = 0; s < R; s++) {
+            const int row = r0 + s * run + t;
+            if (s * run + t >= n) break; /* the last runs may be short */
+            rows[m] = row;
+            w[m++] = (const char *)W + (size_t)row * row_bytes;
         }
-        for (; b < B; b++) {
-            float dot[4];
-            dot4_one(w, kind, tiled, X + (size_t)b * ldx, in, dot);
-            float *o = out + (size_t)b * ldo + row;
-            for (int q = 0; q < n; q++) emit(o + q, dot[q] * s[q], mode);
+        if (m == R) {
+            switch (R) { /* constant row counts, so that dot_rows keeps its sums in registers */
+            case ROW_STREAMS: rows_times_streams(w, rows, ROW_STREAMS, scale, kind, in, X, ldx, B, out, ldo, mode); break;
+            case ROW_STREAMS / 2: rows_times_streams(w, rows, ROW_STREAMS / 2, scale, kind, in, X, ldx, B, out, ldo, mode); break;
+            case ROW_STREAMS / 4: rows_times_streams(w, rows, ROW_STREAMS / 4, scale, kind, in, X, ldx, B, out, ldo, mode); break;
+            }
+        } else {
+            for (int q = 0; q < m; q++)
+                rows_times_streams(w + q, rows + q, 1, scale, kind, in, X, ldx, B, out, ldo, mode);
         }
-    }
-    for (; row < r1; row++) { /* the last rows of a row-major (fp32) matrix */
-        const float *wr = (const float *)W + (size_t)row * in;
-        for (int b = 0; b < B; b++)
-            emit(out + (size_t)b * ldo + row, vec_dot(wr, X + (size_t)b * ldx, in), mode);
     }
 }
 
 /* nn.Linear on rows [r0, r1): out[b*ldo + row] (op)= W[row, :] . X[b*ldx + :] for b < B.
- * W [rows, in] row-major float32 (the model's own), or packed and tiled as `kind` (int8 rows
- * times scale[row]). Four rows at a time; they stay in L1 while every stream uses them, so
- * each weight is read from memory once per token. One specialised copy per storage kind. */
+ * W [rows, in] row-major: the model's own float32, or packed as `kind` (bf16 with paired
+ * columns, int8 rows times scale[row]) with rows padded to whole COLUMN_PAD columns. The rows
+ * of a pass stay in L1 while every token stream uses them, so each weight is read from memory
+ * once per token. One specialised copy per storage kind. */
 static void linear_rows(const void *W, const float *scale, int kind, int in, const float *X, int ldx,
                         int B, float *out, int ldo, int r0, int r1, int mode) {
     if (kind == W_BF16)
@@ -570,10 +550,46 @@ static void vec_mat_cols(const float *x, const float *M, int ldm, int in, int c0
 /* ---------------------------------------------------------------------------- WKV, one head */
 
 /* S [N, N] (value i, key j) <- S diag(decay) + (S a) b^T + v k^T;  y = S r.
- * One pass over the rows: S a uses the old row, then the row is updated and dotted with r. */
+ * One pass over the rows: S a uses the old row, then the row is updated and dotted with r.
+ * Four rows at a time, one from each quarter of the state: a row alone is a chain of
+ * dependent FMAs and horizontal sums that left the core waiting (1.07 us a head of 64 from L1
+ * against 0.53), and four quarters are four memory streams when the state comes from DRAM. */
 static void wkv_head(float *S, int N, const float *r, const float *decay, const float *k,
                      const float *v, const float *a, const float *b, float *y) {
-    for (int i = 0; i < N; i++) {
+    int i = 0;
+#if VW > 1
+    if (N % (4 * VW) == 0) {
+        const int Q = N / 4;
+        for (; i < Q; i++) {
+            float *s[4];
+            vec p[4], sa[4], vi[4];
+            for (int u = 0; u < 4; u++) {
+                s[u] = S + (size_t)(i + u * Q) * N;
+                p[u] = v_zero();
+            }
+            for (int j = 0; j < N; j += VW) {
+                const vec aj = v_load(a + j);
+                for (int u = 0; u < 4; u++) p[u] = v_fma(v_load(s[u] + j), aj, p[u]);
+            }
+            for (int u = 0; u < 4; u++) {
+                sa[u] = v_set1(v_sum(p[u]));
+                vi[u] = v_set1(v[i + u * Q]);
+                p[u] = v_zero();
+            }
+            for (int j = 0; j < N; j += VW) {
+                const vec bj = v_load(b + j), kj = v_load(k + j), dj = v_load(decay + j), rj = v_load(r + j);
+                for (int u = 0; u < 4; u++) {
+                    const vec nu = v_fma(v_load(s[u] + j), dj, v_fma(sa[u], bj, v_mul(vi[u], kj)));
+                    v_store(s[u] + j, nu);
+                    p[u] = v_fma(nu, rj, p[u]);
+                }
+            }
+            for (int u = 0; u < 4; u++) y[i + u * Q] = v_sum(p[u]);
+        }
+        return;
+    }
+#endif
+    for (; i < N; i++) {
         float *s = S + (size_t)i * N;
         float sa = vec_dot(s, a, N);
         vec vsa = v_set1(sa), vvi = v_set1(v[i]), acc = v_zero();
@@ -630,8 +646,9 @@ typedef struct {
 /* Phases: LN0, then PER_LAYER phases per block, then LN_OUT and HEAD. */
 enum { K_LN1, K_PROJ, K_LORA_UP, K_HEADS, K_OUT, K_LN2, K_FFN_KEY, K_FFN_VALUE, PER_LAYER_PHASES };
 #define LORA_COLUMNS 32 /* LoRA down-projection columns per chunk */
-#define LORA_UP_COLUMNS 256 /* LoRA up-projection columns per chunk (1 KB of each row) */
-#define ROW_CHUNK_FLOATS 16384 /* ~64 KB of weights per matvec chunk */
+#define LORA_UP_COLUMNS 256 /* LoRA up-projection columns per chunk */
+#define ROW_CHUNK_FLOATS 16384 /* a chunk of the read pass: 64 KB */
+#define CHUNK_BYTES 65536      /* about this many weight bytes a matvec chunk */
 
 
 static int phase_count(const Job *j) { return j->read_buf ? 1 : 1 + PER_LAYER_PHASES * j->d[D_LAYER] + 2; }
@@ -673,17 +690,22 @@ static void ln_chunk(const Job *j, const float *w, const float *b_, int b, int b
 
 /* The LoRA up-projections on columns [lo, hi) of matrix q (0 decay, 1 a, 2 g, 3 value gate),
  * with their activations: row-major passes over [D, C], so the rows stream. */
-static void lora_up_chunk(const Job *j, const float *const *P, int layer, int q, int lo, int hi) {
+static void lora_up_chunk(const Job *j, const float *const *P, const float *const *S, int layer, int q,
+                          int lo, int hi) {
     const int32_t *d = j->d;
     const int C = d[D_C], Dsum = d[D_DW] + d[D_DA] + d[D_DV] + d[D_DG];
     const int off[4] = {0, d[D_DW], d[D_DW] + d[D_DA] + d[D_DV], d[D_DW] + d[D_DA]};
     const int rows[4] = {d[D_DW], d[D_DA], d[D_DG], d[D_DV]};
-    const float *mats[4] = {P[P_W2], P[P_A2], P[P_G2], P[P_V2]};
+    const int slot[4] = {P_W2, P_A2, P_G2, P_V2};
     float *outs[4] = {j->buf.decay, j->buf.a, j->buf.g, j->buf.vgate};
     if (q == 3 && layer == 0) return; /* layer 0 has no value residual */
+    if (j->wkind != W_FP32) /* packed as the transpose [C, D]: an nn.Linear from D to C */
+        linear_rows(P[slot[q]], S[slot[q]], j->wkind, rows[q], j->buf.lora + off[q], Dsum, j->B, outs[q], C,
+                    lo, hi, OUT_STORE);
     for (int b = 0; b < j->B; b++) {
         float *o = outs[q] + (size_t)b * C + lo;
-        vec_mat_cols(j->buf.lora + (size_t)b * Dsum + off[q], mats[q], C, rows[q], lo, hi, o);
+        if (j->wkind == W_FP32)
+            vec_mat_cols(j->buf.lora + (size_t)b * Dsum + off[q], P[slot[q]], C, rows[q], lo, hi, o);
         if (q == 0) decay_of(P[P_W0] + lo, o, hi - lo);
         if (q == 1) sigmoid_bias(P[P_A0] + lo, o, hi - lo);
         if (q == 3) sigmoid_bias(P[P_V0] + lo, o, hi - lo);
@@ -702,6 +724,11 @@ static void time_mix_head(const Job *j, const float *const *P, int layer, int b,
     float *v = j->buf.v + at, *v_first = j->buf.v_first + at;
     float *tmp = j->buf.head_tmp + ((size_t)b * H + hd) * 4 * N;
     float *kk = tmp, *kb = tmp + N, *kmod = tmp + 2 * N, *y = tmp + 3 * N;
+    { /* the inputs were mostly written by the other threads: ask for all their lines at once */
+        const float *in[9] = {r, k, v, v_first, decay, a, g, j->buf.vgate + at, j->buf.h1 + at};
+        for (int q = 0; q < 9; q++)
+            for (int i = 0; i < N; i += 16) __builtin_prefetch(in[q] + i, 0, 3);
+    }
 
     if (layer == 0) {
         memcpy(v_first, v, sizeof(float) * N);
@@ -796,7 +823,7 @@ static void run_chunk(const Job *j, int p, int c) {
         const int n_lora = lora_chunks(j);
         if (c < n_lora) {
             const int dims[4] = {d[D_DW], d[D_DA], d[D_DV], d[D_DG]};
-            const float *mats[4] = {P[P_W1], P[P_A1], P[P_V1], P[P_G1]};
+            const int slot[4] = {P_W1, P_A1, P_V1, P_G1};
             const int mix_of[4] = {1, 4, 3, 5}; /* xw, xa, xv, xg */
             int q = 0, off = 0, first = 0;
             while (c >= first + cdiv(dims[q], LORA_COLUMNS)) {
@@ -808,9 +835,13 @@ static void run_chunk(const Job *j, int p, int c) {
             lo = (c - first) * LORA_COLUMNS;
             hi = lo + LORA_COLUMNS < dims[q] ? lo + LORA_COLUMNS : dims[q];
             const int Dsum = d[D_DW] + d[D_DA] + d[D_DV] + d[D_DG];
+            if (wk != W_FP32) /* packed as the transpose [D, C]: an nn.Linear from C to D */
+                linear_rows(P[slot[q]], S[slot[q]], wk, C, bf->mix + mix_of[q] * BC, C, B, bf->lora + off, Dsum,
+                            lo, hi, OUT_STORE);
             for (int b = 0; b < B; b++) {
                 float *o = bf->lora + (size_t)b * Dsum + off + lo;
-                vec_mat_cols(bf->mix + mix_of[q] * BC + (size_t)b * C, mats[q], dims[q], C, lo, hi, o);
+                if (wk == W_FP32)
+                    vec_mat_cols(bf->mix + mix_of[q] * BC + (size_t)b * C, P[slot[q]], dims[q], C, lo, hi, o);
                 if (q == 0) for (int i = 0; i < hi - lo; i++) o[i] = tanhf(o[i]);
                 if (q == 3) sigmoid_bias(NULL, o, hi - lo);
             }
@@ -827,7 +858,7 @@ static void run_chunk(const Job *j, int p, int c) {
     case K_LORA_UP: {
         const int per = cdiv(C, LORA_UP_COLUMNS);
         rows_of(c % per, LORA_UP_COLUMNS, C, &lo, &hi);
-        lora_up_chunk(j, P, layer, c / per, lo, hi);
+        lora_up_chunk(j, P, S, layer, c / per, lo, hi);
         return;
     }
     case K_HEADS:
@@ -892,6 +923,74 @@ static inline void backoff(int *spins) {
     }
 }
 
+/* ---------------------------------------------------------------------------- phase profile */
+
+/* Built with -DRWKV7_PROFILE (`rwkv-music bench phases`), the step adds up per kind of phase
+ * its wall time (from the end of the phase before, so the handover is counted) and the time
+ * threads spent inside its chunks. Kinds: the per-layer phases in order, then ln0, ln_out,
+ * head. Without the define none of this is compiled in. */
+static const char PHASE_NAMES[] = "ln1 proj lora_up heads out ln2 ffn_key ffn_value ln0 ln_out head";
+enum { N_KINDS = PER_LAYER_PHASES + 3 };
+const char *rwkv7_phase_names(void) { return PHASE_NAMES; }
+
+#ifdef RWKV7_PROFILE
+static _Atomic int64_t g_prof_busy_ns[N_KINDS];
+static int64_t g_prof_wall_ns[N_KINDS], g_prof_phase_start;
+
+static int64_t prof_now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static int prof_kind(const Job *j, int p) {
+    const int n = phase_count(j);
+    if (p == 0) return PER_LAYER_PHASES;
+    if (p >= n - 2) return PER_LAYER_PHASES + 1 + (p - (n - 2));
+    return (p - 1) % PER_LAYER_PHASES;
+}
+#endif
+
+/* Seconds since the last call: out[k] wall, out[N_KINDS + k] busy (all threads) of phase kind
+ * k. Returns the number of kinds, or 0 when the library was built without RWKV7_PROFILE. */
+int rwkv7_profile(double *out) {
+#ifdef RWKV7_PROFILE
+    for (int k = 0; k < N_KINDS; k++) {
+        out[k] = (double)g_prof_wall_ns[k] * 1e-9;
+        out[N_KINDS + k] = (double)atomic_exchange(&g_prof_busy_ns[k], 0) * 1e-9;
+        g_prof_wall_ns[k] = 0;
+    }
+    return N_KINDS;
+#else
+    (void)out;
+    return 0;
+#endif
+}
+
+/* Run chunk c of phase p and count it done; the last one opens the next phase. */
+static void run_and_finish(const Job *j, uint32_t epoch, int p, int c, int n) {
+#ifdef RWKV7_PROFILE
+    const int64_t start = prof_now();
+    if (p == 0 && c == 0) g_prof_phase_start = start;
+#endif
+    run_chunk(j, p, c);
+#ifdef RWKV7_PROFILE
+    const int64_t end = prof_now();
+    atomic_fetch_add_explicit(&g_prof_busy_ns[prof_kind(j, p)], end - start, memory_order_relaxed);
+#endif
+    uint64_t finished = atomic_fetch_add_explicit(&g_done, 1, memory_order_acq_rel) + 1;
+    if (CHUNK_OF(finished) == n) {
+#ifdef RWKV7_PROFILE
+        /* the only writer until the next phase opens, which the release below orders */
+        g_prof_wall_ns[prof_kind(j, p)] += end - g_prof_phase_start;
+        g_prof_phase_start = end;
+#endif
+        uint64_t open = PACK(epoch, p + 1, 0);
+        atomic_store_explicit(&g_done, open, memory_order_relaxed);
+        atomic_store_explicit(&g_next, open, memory_order_release);
+    }
+}
+
 /* Claim and run chunks until the job is over (0) or it is not this epoch's job any more (-1). */
 static int work(const Job *j, uint32_t epoch) {
     const int n_phases = phase_count(j);
@@ -910,13 +1009,7 @@ static int work(const Job *j, uint32_t epoch) {
                                                    memory_order_acquire))
             continue;
         spins = 0;
-        run_chunk(j, p, c);
-        uint64_t finished = atomic_fetch_add_explicit(&g_done, 1, memory_order_acq_rel) + 1;
-        if (CHUNK_OF(finished) == n) {
-            uint64_t open = PACK(epoch, p + 1, 0);
-            atomic_store_explicit(&g_done, open, memory_order_relaxed);
-            atomic_store_explicit(&g_next, open, memory_order_release);
-        }
+        run_and_finish(j, epoch, p, c, n);
     }
 }
 
@@ -1012,10 +1105,11 @@ static void run_job(const Job *proto, int nthreads) {
     (void)nthreads;
     static uint32_t epoch;
     epoch++;
+    Job j = *proto;
     uint64_t open = PACK(epoch, 0, 0);
     atomic_store(&g_done, open);
     atomic_store(&g_next, open);
-    work(proto, epoch);
+    work(&j, epoch);
 }
 
 #endif
@@ -1043,7 +1137,7 @@ int64_t rwkv7_scratch_floats(const int32_t *d, int32_t batch) {
     return B * (23 * C + d[D_DW] + d[D_DA] + d[D_DV] + d[D_DG] + d[D_F]);
 }
 
-static int round4(int x) { return x < 4 ? 4 : (x + 3) / 4 * 4; }
+static int round_rows(int x) { return x < ROW_STREAMS ? ROW_STREAMS : x / ROW_STREAMS * ROW_STREAMS; }
 
 /* One token for `batch` streams. dims: see D_*; eps: {layer-norm eps, GroupNorm eps};
  * params: the LAYOUT table, where the matrices marked '*' are stored as `weights` (W_FP32,
@@ -1074,8 +1168,8 @@ int rwkv7_step(const int32_t *dims, const float *eps, const float *const *params
     j.wkv = wkv;
     j.logits = logits;
     const int C = dims[D_C], F = dims[D_F];
-    j.row_chunk_c = round4(ROW_CHUNK_FLOATS / C);
-    j.row_chunk_f = round4(ROW_CHUNK_FLOATS / F);
+    j.row_chunk_c = round_rows(CHUNK_BYTES / (int)(row_stride(C, weights) * w_bytes(weights)));
+    j.row_chunk_f = round_rows(CHUNK_BYTES / (int)(row_stride(F, weights) * w_bytes(weights)));
     j.channel_chunk = 128;
     const size_t BC = (size_t)batch * C;
     float *p = scratch;
