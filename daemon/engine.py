@@ -103,8 +103,9 @@ class Engine:
         if len(ids) >= PREFILL_MIN_TOKENS:
             self.logits, self.state = self.model.prefill(idx[None], self.state)
         else:
-            for token in idx:
-                self.logits, _ = self.model.step(token[None], self.state)
+            with self.model.weights_fixed():
+                for token in idx:
+                    self.logits, _ = self.model.step(token[None], self.state)
 
     def swap_model(self, model: RWKV7, meta: CheckpointMeta) -> None:
         """Take a new model and rebuild its state from the token history (same vocabulary)."""
@@ -165,21 +166,22 @@ class Engine:
                     on_event(i, event)
 
         # The forced Bar is the completion's time zero for its grammar and decoder.
-        for token in forced:
-            for i in range(K):
-                accept(i, token)
-            logits, _ = self.model.step(torch.full((K,), token, device=self.device), state)
-        budget = MAX_TOKENS_PER_BAR * bars
-        while not all(done) and budget > 0:
-            if should_stop is not None and should_stop():
-                stopped = True
-                break
-            allowed = self.grammar.masks(grammar_states).to(self.device)
-            drawn = sample(logits, settings, allowed, generator)
-            for i, token in enumerate(drawn.tolist()):
-                if not done[i]:
+        with self.model.weights_fixed():  # nothing changes the weights while an answer is sampled
+            for token in forced:
+                for i in range(K):
                     accept(i, token)
-            drawn = torch.where(torch.tensor(done, device=self.device), self.pad_id, drawn)
-            logits, _ = self.model.step(drawn, state)
-            budget -= 1
+                logits, _ = self.model.step(torch.full((K,), token, device=self.device), state)
+            budget = MAX_TOKENS_PER_BAR * bars
+            while not all(done) and budget > 0:
+                if should_stop is not None and should_stop():
+                    stopped = True
+                    break
+                allowed = self.grammar.masks(grammar_states).to(self.device)
+                drawn = sample(logits, settings, allowed, generator)
+                for i, token in enumerate(drawn.tolist()):
+                    if not done[i]:
+                        accept(i, token)
+                drawn = torch.where(torch.tensor(done, device=self.device), self.pad_id, drawn)
+                logits, _ = self.model.step(drawn, state)
+                budget -= 1
         return Completion(tokens, events, bars, stopped, time.perf_counter() - t0, first_event)

@@ -7,8 +7,8 @@ on the CPU); the caller then keeps the PyTorch step. `cpu_step_kernel(model, wei
 same once per model and weight format and remembers the answer, for `RWKV7.step` to route
 through.
 
-`weights` is how the large matrices (r, k, v, output, FFN, head: almost all the bytes a token
-reads) are stored for the kernel: "fp32" reads the model's own parameters in place by address;
+`weights` is how the matrices (r, k, v, output, the LoRA, FFN, head: 99.7 % of the float32 bytes a
+token reads) are stored for the kernel: "fp32" reads the model's own parameters in place by address;
 "bf16" and "int8" (one float32 scale per row) read packed copies made from them, a half or a
 quarter of the bytes. Everything else stays float32 and every sum accumulates in float32.
 The address table (and the packed copies) are rebuilt when a parameter's storage moves, and
@@ -32,6 +32,7 @@ two threads slower than one). The result is bitwise the same either way. Never
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -44,7 +45,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -341,6 +342,7 @@ class _Binding:
     """The model's parameters as the C side sees them, valid while `ptrs` are current."""
 
     dims: dict[str, int]
+    tensors: list[Tensor]  # the parameters bound: kept alive while the kernel may read them
     dims_c: ctypes.Array
     eps_c: ctypes.Array
     ptrs: list[int]  # data_ptr of every parameter in the table (the model's own)
@@ -368,6 +370,7 @@ class CpuStepKernel:
         self._scratch: dict[int, Tensor] = {}  # per batch size
         self._thread_choice: dict[tuple[int, int], ThreadChoice] = {}  # per (batch, most threads)
         self._lock = threading.Lock()  # the scratch memory is shared by calls
+        self._fixed = threading.local()  # depth of weights_fixed blocks, per thread
 
     @classmethod
     def for_model(cls, model: nn.Module, weights: str = "fp32") -> CpuStepKernel | None:
@@ -443,6 +446,7 @@ class CpuStepKernel:
                 scale_ptrs[i] = matrix.scale.data_ptr()
         return _Binding(
             dims=dims,
+            tensors=tensors,
             dims_c=(ctypes.c_int32 * len(lib.dim_names))(*(dims[n] for n in lib.dim_names)),
             eps_c=(ctypes.c_float * 2)(*eps),
             ptrs=ptrs,
@@ -492,6 +496,22 @@ class CpuStepKernel:
             self._binding = self._bind(model)
         return self._binding
 
+    @contextlib.contextmanager
+    def weights_fixed(self) -> Iterator[CpuStepKernel]:
+        """A block of steps in which the caller does not change the model's parameters (no
+        assignment, no in-place write, no `.to()`): the parameters are checked once on entry,
+        and `step` skips its per-call check inside. That check touches every parameter object,
+        which the previous token's weights have pushed out of the cache: about 0.25 ms a token
+        at L12-D512 (`bench phases`). Per thread; blocks nest. The engine wraps each answer in
+        one (RWKV7.weights_fixed)."""
+        self._current_binding()
+        depth = getattr(self._fixed, "depth", 0)
+        self._fixed.depth = depth + 1
+        try:
+            yield self
+        finally:
+            self._fixed.depth = depth
+
     # ---------------------------------------------------------------- the step
 
     @property
@@ -515,7 +535,7 @@ class CpuStepKernel:
         CpuStepInputError for ids out of range or state tensors of the wrong shape,
         CpuStepUnavailableError when the model stopped being float32 on the CPU.
         """
-        binding = self._current_binding()
+        binding = self._binding if getattr(self._fixed, "depth", 0) else self._current_binding()
         d = binding.dims
         if idx.dim() != 1 or idx.device.type != "cpu":
             raise CpuStepInputError("idx", f"expected a 1-D CPU tensor, got shape {tuple(idx.shape)} on {idx.device}")

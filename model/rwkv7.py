@@ -13,7 +13,9 @@ The same weights run two ways:
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -442,6 +444,19 @@ class RWKV7(nn.Module):
 
     # ----------------------------------------------------------------------------- recurrent
 
+    def _uses_cpu_step(self) -> bool:
+        weight = self.emb.weight
+        return weight.device.type == "cpu" and weight.dtype == torch.float32
+
+    @contextlib.contextmanager
+    def weights_fixed(self) -> Iterator[None]:
+        """A block of `step` calls in which the caller does not change the parameters (an
+        answer being sampled): the compiled CPU step checks them once here instead of on every
+        token (`CpuStepKernel.weights_fixed`). Nothing changes on other paths."""
+        kernel = cpu_step_kernel(self, self.step_weights) if self._uses_cpu_step() else None
+        with kernel.weights_fixed() if kernel is not None else contextlib.nullcontext():
+            yield
+
     @torch.no_grad()
     def step(self, idx: Tensor, state: State) -> tuple[Tensor, State]:
         """One token per stream: idx [B] -> (logits [B, V], state). `state` is updated in place.
@@ -450,9 +465,7 @@ class RWKV7(nn.Module):
         token, the weights streamed once, the large matrices stored as `self.step_weights`);
         elsewhere, or without a C compiler, `step_torch` (float32 weights).
         """
-        weight = self.emb.weight
-        if (weight.device.type == "cpu" and weight.dtype == torch.float32 and idx.device.type == "cpu"
-                and state.wkv.dtype == torch.float32):
+        if self._uses_cpu_step() and idx.device.type == "cpu" and state.wkv.dtype == torch.float32:
             kernel = cpu_step_kernel(self, self.step_weights)  # cached; None -> the PyTorch path
             if kernel is not None:
                 return kernel.step(idx, state.shift, state.wkv), state

@@ -178,6 +178,34 @@ def test_cpu_step_rebinds_replaced_parameter():
     assert rel_err(after, before) > 0.1
 
 
+@needs_cc
+def test_cpu_step_weights_fixed_checks_once_on_entry():
+    model = random_model(n_layer=2, n_embd=64, seed=7)
+    kernel = kernel_for(model)
+    idx = torch.tensor([3])
+
+    def fresh():
+        return tensors_of(model.init_state(1))
+
+    kernel.step(idx, *fresh())
+    model.head.weight = nn.Parameter(torch.randn_like(model.head.weight))  # before the block: seen on entry
+    with kernel.weights_fixed():
+        inside = kernel.step(idx, *fresh())
+        ref, _ = model.step(idx, model.init_state(1))
+        assert rel_err(inside, ref) <= TOLERANCE
+        # Inside, the caller promised no changes, and none is looked for; the storage bound
+        # stays alive, so a broken promise gives the old weights, never freed memory.
+        model.head.weight = nn.Parameter(torch.randn_like(model.head.weight))
+        assert torch.equal(kernel.step(idx, *fresh()), inside)
+        ref, _ = model.step(idx, model.init_state(1))
+        with kernel.weights_fixed():  # blocks nest, and each checks on entry
+            assert rel_err(kernel.step(idx, *fresh()), ref) <= TOLERANCE
+    model.head.weight = nn.Parameter(torch.randn_like(model.head.weight))
+    ref, _ = model.step(idx, model.init_state(1))
+    assert rel_err(kernel.step(idx, *fresh()), ref) <= TOLERANCE  # checked on every call again
+    assert rel_err(ref, inside) > 0.1
+
+
 def test_cpu_step_missing_compiler_gives_none(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv(cpu_step.COMPILER_ENV, str(tmp_path / "no-such-cc"))
     monkeypatch.setenv(cpu_step.CACHE_ENV, str(tmp_path / "cache"))

@@ -11,7 +11,8 @@ a time, and prints per kind of phase, summed over the layers:
   ms/token  wall time of those phases in one token (each from the end of the phase before,
             so handing a phase over between threads is counted in it)
   share     of the whole call; "outside the phases" is the rest (the Python side of the
-            call, starting the helpers)
+            call, starting the helpers). The tokens run inside `kernel.weights_fixed()`, as
+            the engine runs an answer; --check-every-token checks the parameters on each
   busy      time spent inside its chunks, summed over threads (2 x wall: both always busy)
   MB        weight bytes it reads per token in this format
   GB/s      MB / wall, to hold against the read pass printed below the table (the floor)
@@ -20,6 +21,7 @@ a time, and prints per kind of phase, summed over the layers:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +36,7 @@ EPILOG = """examples:
   rwkv-music bench phases
   rwkv-music bench phases --configs L6-D256,L12-D512 --streams 1,4
   rwkv-music bench phases --weights fp32 --threads 1
+  rwkv-music bench phases --check-every-token    # what the per-token parameter check costs
   rwkv-music bench phases --json
 """
 
@@ -54,6 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=300, help="tokens timed per configuration (default 300)")
     p.add_argument("--threads", type=int, default=0,
                    help="threads of the step, the calling one included (default torch's thread count)")
+    p.add_argument("--check-every-token", dest="fixed", action="store_false",
+                   help="check the parameters on every token, as a bare kernel.step does (default: "
+                        "once, inside weights_fixed, as the engine samples an answer)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(run=run)
@@ -110,8 +116,9 @@ def measure(name: str, n_layer: int, n_embd: int, streams: int, args: argparse.N
         kernel.step(ids[t], state.shift, state.wkv, threads=threads)
     kernel.library.phase_times()  # start from zero
     start = time.perf_counter()
-    for t in range(WARMUP_TOKENS, WARMUP_TOKENS + args.tokens):
-        kernel.step(ids[t], state.shift, state.wkv, threads=threads)
+    with kernel.weights_fixed() if args.fixed else contextlib.nullcontext():
+        for t in range(WARMUP_TOKENS, WARMUP_TOKENS + args.tokens):
+            kernel.step(ids[t], state.shift, state.wkv, threads=threads)
     call_s = (time.perf_counter() - start) / args.tokens
     phases = kernel.library.phase_times()
     buffer = torch.zeros(kernel.bytes_per_token // 4)

@@ -6,7 +6,9 @@ same process ('cpu fp32', RWKV_V7_ON=1). First the implementations must agree on
 of the first tokens; then they are timed one token at a time at batch size 1, interleaved in
 rounds so that load from other work hits all of them alike:
 
-- our fused CPU kernel with the large matrices stored as each of `--weights` (fp32, bf16, int8);
+- our fused CPU kernel with the large matrices stored as each of `--weights` (fp32, bf16, int8),
+  timed as the engine runs it: each round's tokens in one `weights_fixed` block (the parameters
+  checked once on entry, not on every token);
 - a plain read pass over as many bytes as that kernel reads per token (a vectorised sum over a
   buffer of that size, cut into the step's chunks and run by its threads and scheduler): the
   memory-bandwidth floor of the step, measured beside it;
@@ -329,12 +331,14 @@ def measure_cpu_config(name: str, n_layer: int, n_embd: int,
         return logits
 
     impls: dict[str, Callable[[int], object]] = {}
+    fixed: dict[str, CpuStepKernel] = {}  # timed inside kernel.weights_fixed(), as the engine runs it
     for w, kernel in kernels.items():
         if kernel is None:
             res.note = "CPU step kernel unavailable: only the PyTorch step and the package are timed"
             continue
         res.bytes_per_token[w] = kernel.bytes_per_token
         impls[f"kernel_{w}"] = kernel_step(kernel, 1)
+        fixed[f"kernel_{w}"] = kernel
     impls["torch_step"] = step_torch
     impls["package"] = step_package
     for w, fn in llama.items():
@@ -344,6 +348,7 @@ def measure_cpu_config(name: str, n_layer: int, n_embd: int,
         impls[f"read_{w}"] = read_pass(kernels[w], nbytes)
     for k in streams[1:]:
         impls[f"streams_{k}"] = kernel_step(kernels[args.target_weights], k)
+        fixed[f"streams_{k}"] = kernels[args.target_weights]
 
     with torch_step_forced(DISABLE_ENV):
         outs: dict[str, list[torch.Tensor]] = {key: [] for key in checked}
@@ -368,8 +373,9 @@ def measure_cpu_config(name: str, n_layer: int, n_embd: int,
             for key in keys:
                 fn = impls[key]
                 start = time.perf_counter()
-                for i in range(pos, pos + args.tokens):
-                    fn(i)
+                with fixed[key].weights_fixed() if key in fixed else contextlib.nullcontext():
+                    for i in range(pos, pos + args.tokens):
+                        fn(i)
                 res.rounds_ms[key].append((time.perf_counter() - start) * 1e3 / args.tokens)
             pos += args.tokens
 

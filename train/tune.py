@@ -175,7 +175,7 @@ def generate_replay(base, bos_id: int, windows: int, length: int, seed: int):
 
     generator = torch.Generator().manual_seed(seed)
     ids = torch.full((windows, length + 1), bos_id, dtype=torch.long)
-    with torch.no_grad():
+    with torch.no_grad(), base.weights_fixed():
         state = base.init_state(windows)
         for t in range(length):
             logits, _ = base.step(ids[:, t], state)
