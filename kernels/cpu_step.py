@@ -350,7 +350,7 @@ class _Binding:
     ptrs_c: ctypes.Array  # what the kernel reads: the parameters, packed matrices in their place
     scales_c: ctypes.Array  # per-row scales of int8 matrices, parallel to ptrs_c (else NULL)
     packed: list[PackedMatrix]  # keeps the packed copies alive
-    bytes_per_token: int  # weight bytes one token reads at batch 1 (one embedding row)
+    stored_bytes: dict[str, int]  # weight bytes a token reads at batch 1, per table name (layers summed)
 
 
 class CpuStepKernel:
@@ -454,19 +454,18 @@ class CpuStepKernel:
             ptrs_c=(ctypes.c_void_p * len(ptrs))(*read_ptrs),
             scales_c=(ctypes.c_void_p * len(ptrs))(*scale_ptrs),
             packed=packed,
-            bytes_per_token=self._bytes_per_token(tensors, packed),
+            stored_bytes=self._stored_bytes(names, tensors, packed),
         )
 
-    def _bytes_per_token(self, tensors: list[Tensor], packed: list[PackedMatrix]) -> int:
-        """Weight bytes a token reads at batch 1: every parameter (packed ones at their packed
-        size) except the embedding, of which one row is read."""
-        total = sum(m.nbytes for m in packed)
-        packed_slots = set(self._packed_slots)
-        for i, t in enumerate(tensors):
-            if i in packed_slots:
-                continue
-            total += t.shape[1] * t.element_size() if i == 0 else t.numel() * t.element_size()
-        return total
+    def _stored_bytes(self, names: list[str], tensors: list[Tensor], packed: list[PackedMatrix]) -> dict[str, int]:
+        """Weight bytes a token reads at batch 1 per parameter name: packed matrices at their
+        packed size, the rest as they are, and of the embedding (slot 0) one row."""
+        sizes = {i: m.nbytes for i, m in zip(self._packed_slots, packed, strict=True)}
+        stored: dict[str, int] = {}
+        for i, (name, t) in enumerate(zip(names, tensors, strict=True)):
+            size = sizes.get(i, t.shape[1] * t.element_size() if i == 0 else t.numel() * t.element_size())
+            stored[name] = stored.get(name, 0) + size
+        return stored
 
     @staticmethod
     def _norm_eps(model: nn.Module) -> tuple[float, float]:
@@ -523,7 +522,13 @@ class CpuStepKernel:
     def bytes_per_token(self) -> int:
         """Weight bytes one token reads at batch 1 in this kernel's format (the packed matrices,
         the float32 rest, one embedding row): the numerator of the memory-bandwidth floor."""
-        return self._binding.bytes_per_token
+        return sum(self._binding.stored_bytes.values())
+
+    @property
+    def stored_bytes(self) -> dict[str, int]:
+        """`bytes_per_token` per parameter name of the layout table (a per-layer name summed
+        over the layers): where a token's bytes are."""
+        return dict(self._binding.stored_bytes)
 
     def step(self, idx: Tensor, shift: Tensor, wkv: Tensor, threads: int | None = None) -> Tensor:
         """One token per stream: idx LongTensor [B] -> logits [B, V] (float32, a new tensor).

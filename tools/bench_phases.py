@@ -30,7 +30,15 @@ from kernels.weight_formats import DEFAULT_WEIGHTS, WEIGHT_FORMATS
 
 DEFAULT_CONFIGS = "L12-D512"
 WARMUP_TOKENS = 20
-BYTES_PER_WEIGHT = {"fp32": 4, "bf16": 2, "int8": 1}
+# The matrices each kind of phase reads (names of the kernel's layout table).
+PHASE_MATRICES = {
+    "proj": ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.w1", "att.a1", "att.v1", "att.g1"),
+    "lora_up": ("att.w2", "att.a2", "att.v2", "att.g2"),
+    "out": ("att.output.weight",),
+    "ffn_key": ("ffn.key.weight",),
+    "ffn_value": ("ffn.value.weight",),
+    "head": ("head.weight",),
+}
 
 EPILOG = """examples:
   rwkv-music bench phases
@@ -87,16 +95,10 @@ class PhaseReport:
     rows: list[PhaseRow] = field(default_factory=list)
 
 
-def phase_megabytes(dims: dict[str, int], weights: str) -> dict[str, float]:
-    """Weight bytes each kind of phase reads per token (MB), from the model's sizes: the
-    matrices at `weights` (the LoRA matrices too, except fp32: the model's own float32)."""
-    wb = BYTES_PER_WEIGHT[weights]
-    C, F, V, L = dims["C"], dims["F"], dims["V"], dims["L"]
-    lora = C * (dims["Dw"] + dims["Da"] + dims["Dv"] + dims["Dg"])
-    per_layer = {"proj": 3 * C * C + lora, "lora_up": lora, "out": C * C, "ffn_key": F * C, "ffn_value": C * F}
-    sizes = {name: L * n * wb / 1e6 for name, n in per_layer.items()}
-    sizes["head"] = V * C * wb / 1e6
-    return sizes
+def phase_megabytes(stored_bytes: dict[str, int]) -> dict[str, float]:
+    """Weight bytes each kind of phase reads per token (MB), from the kernel's own account of
+    its parameters (`CpuStepKernel.stored_bytes`)."""
+    return {phase: sum(stored_bytes[name] for name in names) / 1e6 for phase, names in PHASE_MATRICES.items()}
 
 
 def measure(name: str, n_layer: int, n_embd: int, streams: int, args: argparse.Namespace) -> PhaseReport:
@@ -130,7 +132,7 @@ def measure(name: str, n_layer: int, n_embd: int, streams: int, args: argparse.N
 
     report = PhaseReport(name, args.weights, streams, threads, call_s * 1e3, read_s * 1e3,
                          kernel.bytes_per_token / 1e6)
-    megabytes = phase_megabytes(dims, args.weights)
+    megabytes = phase_megabytes(kernel.stored_bytes)
     inside = 0.0
     for phase, (wall, busy) in phases.items():
         ms = wall / args.tokens * 1e3

@@ -114,7 +114,7 @@ static inline float v_sum(vec a) { return a; }
 
 /* ---------------------------------------------------------------------------- weight formats */
 
-/* The large matrices (r, k, v, output, FFN key and value, head) may be stored packed: bf16
+/* The matrices (r, k, v, output, the LoRA, FFN key and value, head) may be stored packed: bf16
  * (the top 16 bits of the float32, widened back by a shift: exact, and no F16C or AVX-512 BF16
  * needed) or int8 with one float32 scale per row. Activations, accumulators and every other
  * parameter stay float32; an int8 row's dot product is multiplied by its scale once at the end. */
@@ -391,10 +391,24 @@ static inline size_t row_stride(int in, int kind) {
     return kind == W_FP32 ? (size_t)in : (size_t)cdiv(in, COLUMN_PAD) * COLUMN_PAD;
 }
 
+/* acc[g * R + q] += w[q] . x_g over the pair of vectors at column i (2 * VW columns: one
+ * packed bf16 load a row), x_g = x + g * ldx. Each weight vector is loaded (and widened) once
+ * for the G streams. */
+static inline __attribute__((always_inline)) void dot_pair(const void *const *w, int R, int G, int kind,
+                                                          const float *x, int ldx, int i, vec *acc) {
+    for (int h = 0; h < 2; h++) {
+        vec xv[4];
+        for (int g = 0; g < G; g++) xv[g] = v_load(x + (size_t)g * ldx + i + h * VW);
+        for (int q = 0; q < R; q++) {
+            vec wq = w_load_half(w[q], (size_t)i, h, kind);
+            for (int g = 0; g < G; g++) acc[g * R + q] = v_fma(wq, xv[g], acc[g * R + q]);
+        }
+    }
+}
+
 /* Dot products of R weight rows with G token streams' inputs: dot[g * R + q] = w[q] . x_g,
- * x_g = x + g * ldx. Each weight vector is loaded (and widened, when packed) once for the G
- * streams. R and G are constants where it is inlined (R * G <= MAX_ACC): the accumulators
- * stay in registers. */
+ * x_g = x + g * ldx. R and G are constants where it is inlined (R * G <= MAX_ACC): the
+ * accumulators stay in registers. */
 static inline __attribute__((always_inline)) void dot_rows(const void *const *w, int R, int G, int kind,
                                                           const float *x, int ldx, int in, float *dot) {
     vec acc[MAX_ACC];
@@ -408,25 +422,10 @@ static inline __attribute__((always_inline)) void dot_rows(const void *const *w,
         if (G > 1)
             for (int q = 0; q < R; q++)
                 __builtin_prefetch((const char *)w[q] + (size_t)i * w_bytes(kind) + PREFETCH_AHEAD, 0, 3);
-        for (int h = 0; h < 4; h++) {
-            vec xv[4];
-            for (int g = 0; g < G; g++) xv[g] = v_load(x + (size_t)g * ldx + i + h * VW);
-            for (int q = 0; q < R; q++) {
-                vec wq = w_load_half(w[q], (size_t)(i + (h / 2) * 2 * VW), h & 1, kind);
-                for (int g = 0; g < G; g++) acc[g * R + q] = v_fma(wq, xv[g], acc[g * R + q]);
-            }
-        }
+        dot_pair(w, R, G, kind, x, ldx, i, acc);
+        dot_pair(w, R, G, kind, x, ldx, i + 2 * VW, acc);
     }
-    for (; i + 2 * VW <= in; i += 2 * VW) { /* one pair of vectors: one packed bf16 load */
-        for (int h = 0; h < 2; h++) {
-            vec xv[4];
-            for (int g = 0; g < G; g++) xv[g] = v_load(x + (size_t)g * ldx + i + h * VW);
-            for (int q = 0; q < R; q++) {
-                vec wq = w_load_half(w[q], (size_t)i, h, kind);
-                for (int g = 0; g < G; g++) acc[g * R + q] = v_fma(wq, xv[g], acc[g * R + q]);
-            }
-        }
-    }
+    for (; i + 2 * VW <= in; i += 2 * VW) dot_pair(w, R, G, kind, x, ldx, i, acc);
     for (int k = 0; k < R * G; k++) dot[k] = v_sum(acc[k]);
     for (; i < in; i++) /* a tail shorter than a pair of vectors */
         for (int g = 0; g < G; g++)
@@ -695,8 +694,21 @@ static void ln_chunk(const Job *j, const float *w, const float *b_, int b, int b
     norm_apply(x, mean, inv, w, b_, *lo, *hi, out + (size_t)b * C);
 }
 
+/* Columns [lo, hi) of X M for every stream, M [in, cols] a LoRA matrix: out[b*ldo + c] =
+ * X[b*ldx + :] . M[:, c]. Packed, M is stored as its transpose and read as nn.Linear rows (all
+ * streams in one pass); float32, it is the model's own, read by column blocks, stream by stream. */
+static void lora_columns(const Job *j, const void *M, const float *scale, int in, int cols, const float *X,
+                         int ldx, float *out, int ldo, int lo, int hi) {
+    if (j->wkind != W_FP32) {
+        linear_rows(M, scale, j->wkind, in, X, ldx, j->B, out, ldo, lo, hi, OUT_STORE);
+        return;
+    }
+    for (int b = 0; b < j->B; b++)
+        vec_mat_cols(X + (size_t)b * ldx, M, cols, in, lo, hi, out + (size_t)b * ldo + lo);
+}
+
 /* The LoRA up-projections on columns [lo, hi) of matrix q (0 decay, 1 a, 2 g, 3 value gate),
- * with their activations: row-major passes over [D, C], so the rows stream. */
+ * with their activations. */
 static void lora_up_chunk(const Job *j, const float *const *P, const float *const *S, int layer, int q,
                           int lo, int hi) {
     const int32_t *d = j->d;
@@ -706,13 +718,9 @@ static void lora_up_chunk(const Job *j, const float *const *P, const float *cons
     const int slot[4] = {P_W2, P_A2, P_G2, P_V2};
     float *outs[4] = {j->buf.decay, j->buf.a, j->buf.g, j->buf.vgate};
     if (q == 3 && layer == 0) return; /* layer 0 has no value residual */
-    if (j->wkind != W_FP32) /* packed as the transpose [C, D]: an nn.Linear from D to C */
-        linear_rows(P[slot[q]], S[slot[q]], j->wkind, rows[q], j->buf.lora + off[q], Dsum, j->B, outs[q], C,
-                    lo, hi, OUT_STORE);
+    lora_columns(j, P[slot[q]], S[slot[q]], rows[q], C, j->buf.lora + off[q], Dsum, outs[q], C, lo, hi);
     for (int b = 0; b < j->B; b++) {
         float *o = outs[q] + (size_t)b * C + lo;
-        if (j->wkind == W_FP32)
-            vec_mat_cols(j->buf.lora + (size_t)b * Dsum + off[q], P[slot[q]], C, rows[q], lo, hi, o);
         if (q == 0) decay_of(P[P_W0] + lo, o, hi - lo);
         if (q == 1) sigmoid_bias(P[P_A0] + lo, o, hi - lo);
         if (q == 3) sigmoid_bias(P[P_V0] + lo, o, hi - lo);
@@ -842,13 +850,10 @@ static void run_chunk(const Job *j, int p, int c) {
             lo = (c - first) * LORA_COLUMNS;
             hi = lo + LORA_COLUMNS < dims[q] ? lo + LORA_COLUMNS : dims[q];
             const int Dsum = d[D_DW] + d[D_DA] + d[D_DV] + d[D_DG];
-            if (wk != W_FP32) /* packed as the transpose [D, C]: an nn.Linear from C to D */
-                linear_rows(P[slot[q]], S[slot[q]], wk, C, bf->mix + mix_of[q] * BC, C, B, bf->lora + off, Dsum,
-                            lo, hi, OUT_STORE);
+            lora_columns(j, P[slot[q]], S[slot[q]], C, dims[q], bf->mix + mix_of[q] * BC, C, bf->lora + off, Dsum,
+                         lo, hi);
             for (int b = 0; b < B; b++) {
                 float *o = bf->lora + (size_t)b * Dsum + off + lo;
-                if (wk == W_FP32)
-                    vec_mat_cols(bf->mix + mix_of[q] * BC + (size_t)b * C, P[slot[q]], dims[q], C, lo, hi, o);
                 if (q == 0) for (int i = 0; i < hi - lo; i++) o[i] = tanhf(o[i]);
                 if (q == 3) sigmoid_bias(NULL, o, hi - lo);
             }
