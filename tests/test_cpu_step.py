@@ -335,10 +335,14 @@ def test_bench_phases_accounts_for_the_whole_token():
 
 
 @needs_cc
-def test_cpu_step_same_bits_on_any_thread_count():
-    # Chunks are fixed by the sizes, not by the threads, so who runs them changes nothing.
-    model = random_model(n_layer=2, n_embd=128, seed=4)
-    kernel = kernel_for(model)
+@pytest.mark.parametrize("weights", ["fp32", "bf16"])
+def test_cpu_step_same_bits_on_any_thread_count(weights):
+    # Chunks are fixed by the sizes, not by the threads, so who runs them changes nothing. At
+    # 256 channels each matrix is several chunks, and a claim takes several of them at once
+    # (how many depends on the thread count): a row's sum must not depend on the claim.
+    model = random_model(n_layer=2, n_embd=256, seed=4)
+    kernel = CpuStepKernel.for_model(model, weights)
+    assert kernel is not None
     states = {n: model.init_state(3) for n in (1, 2, 3, None)}
     gen = torch.Generator().manual_seed(0)
     for _ in range(5):
