@@ -46,13 +46,14 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from kernels import huge_pages
 from kernels.errors import KernelError
 from kernels.weight_formats import WEIGHT_FORMATS, PackedMatrix, check_format, pack
 
@@ -439,8 +440,11 @@ class CpuStepKernel:
         read_ptrs, scale_ptrs = list(ptrs), [None] * len(ptrs)
         packed = []
         for i in self._packed_slots:
-            matrix = pack_for_kernel(lib, names[i], tensors[i].detach(), self.weights)
-            packed.append(matrix)
+            packed.append(pack_for_kernel(lib, names[i], tensors[i].detach(), self.weights))
+        if self.weights != "fp32":  # copies of our own: one buffer on 2 MB pages (kernels/huge_pages.py)
+            placed = huge_pages.gather([m.data for m in packed])
+            packed = [replace(m, data=data) for m, data in zip(packed, placed, strict=True)]
+        for i, matrix in zip(self._packed_slots, packed, strict=True):
             read_ptrs[i] = matrix.data.data_ptr()
             if matrix.scale is not None:
                 scale_ptrs[i] = matrix.scale.data_ptr()

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from kernels import cpu_step
+from kernels import cpu_step, huge_pages
 from kernels.cpu_step import CpuStepKernel, cpu_step_kernel, pack_for_kernel
 from kernels.weight_formats import COLUMN_PAD, INT8_LEVELS, pack, unpack
 from model import RWKV7, ModelConfig
@@ -173,3 +173,29 @@ def test_engine_keeps_its_weight_format_across_a_swap():
     assert new_model.step_weights == "int8"
     with pytest.raises(ValueError, match="allowed"):
         Engine(new_model, new_meta, step_weights="fp8")
+
+
+def test_huge_pages_gather_keeps_values_and_places_one_after_another():
+    tensors = [torch.randn(3, 5), torch.arange(7, dtype=torch.int16),
+               torch.randint(-127, 128, (4, 33), dtype=torch.int8)]
+    placed = huge_pages.gather(tensors)
+    for t, p in zip(tensors, placed, strict=True):
+        assert p.dtype == t.dtype and p.shape == t.shape and torch.equal(p, t)
+        assert p.data_ptr() % huge_pages.ALIGN == 0
+    assert placed[0].data_ptr() % huge_pages.HUGE_PAGE == 0
+    # one buffer, in order: each starts at the first cache line after the one before
+    for a, b in zip(placed, placed[1:]):
+        assert b.data_ptr() == -(-(a.data_ptr() + a.numel() * a.element_size()) // 64) * 64
+    floats = huge_pages.huge_page_floats(1000)
+    assert floats.dtype == torch.float32 and torch.equal(floats, torch.ones(1000))
+
+
+@needs_cc
+def test_cpu_step_packed_weights_live_in_one_buffer():
+    model = random_model(n_layer=2, n_embd=128, seed=3)
+    kernel = CpuStepKernel.for_model(model, "bf16")
+    assert kernel is not None
+    packed = [m.data for m in kernel._current_binding().packed]
+    assert packed[0].data_ptr() % huge_pages.HUGE_PAGE == 0
+    for a, b in zip(packed, packed[1:]):  # in the order of the layout table, back to back
+        assert b.data_ptr() == -(-(a.data_ptr() + a.numel() * a.element_size()) // 64) * 64

@@ -105,6 +105,7 @@ def measure(name: str, n_layer: int, n_embd: int, streams: int, args: argparse.N
     import torch
 
     from kernels.cpu_step import CpuStepKernel, load_library
+    from kernels.huge_pages import huge_page_floats
     from tools.bench_step import random_model
 
     model = random_model(n_layer, n_embd, args.seed)
@@ -123,7 +124,7 @@ def measure(name: str, n_layer: int, n_embd: int, streams: int, args: argparse.N
             kernel.step(ids[t], state.shift, state.wkv, threads=threads)
     call_s = (time.perf_counter() - start) / args.tokens
     phases = kernel.library.phase_times()
-    buffer = torch.zeros(kernel.bytes_per_token // 4)
+    buffer = huge_page_floats(kernel.bytes_per_token // 4)  # on 2 MB pages, as the packed weights are
     kernel.read_pass(buffer, threads=threads)
     start = time.perf_counter()
     for _ in range(args.tokens):

@@ -282,9 +282,9 @@ def llama_step(model, folder: Path, weights: str, n_ctx: int, ids: list[int]) ->
 def read_pass(kernel, nbytes: int) -> Callable[[int], None]:
     """A step-shaped function that reads `nbytes` once per call with the kernel's threads and
     scheduler (`CpuStepKernel.read_pass`): what a token that only read its weights would cost."""
-    import torch
+    from kernels.huge_pages import huge_page_floats
 
-    buffer = torch.ones(max(1, nbytes // 4))
+    buffer = huge_page_floats(max(1, nbytes // 4))  # on 2 MB pages, as the packed weights are
     return lambda i: kernel.read_pass(buffer)
 
 
