@@ -206,6 +206,19 @@ def note_pairs(messages: list[tuple[float, tuple[int, ...]]]) -> tuple[list[tupl
     return ons, problems
 
 
+def unreleased_after_settling(recorder, timeout: float = 5.0) -> list[str]:
+    """note_pairs' problems of everything `recorder` heard, waiting up to `timeout` for them to
+    go away: when the daemon reports nothing sounding it has sent the note-offs, and the
+    recorder's reader thread may not have taken them from JACK yet. A note that is really
+    stuck is still reported, `timeout` later."""
+    deadline = time.monotonic() + timeout
+    _, problems = note_pairs(recorder.timed_messages)
+    while problems and time.monotonic() < deadline:
+        time.sleep(0.05)
+        _, problems = note_pairs(recorder.timed_messages)
+    return problems
+
+
 def grid_error(session: DaemonSession, t: float, step_beats: float = 0.125) -> float:
     """Seconds from `t` to the closest point of the 1/8-beat grid of the daemon's clock."""
     beat = session.daemon.clock.beat_at(t)

@@ -28,7 +28,7 @@ import pytest
 from daemon.midi_events import ALL_NOTES_OFF, control_change, note_off, note_on
 from daemon.osc_server import send_and_wait, status_values
 from tests.fixtures.jack import JackMidiRecorder, JackMidiSender, JackServer, unique_client_name
-from tests.test_daemon_jack import note_pairs, save_random_checkpoint
+from tests.test_daemon_jack import save_random_checkpoint, unreleased_after_settling
 from tools.soak import process_tree_rss_kib
 
 START_TIMEOUT_S = 60.0
@@ -235,7 +235,7 @@ class Stage:
             lambda s: s["answers_active"] == 0 and s["output_pending"] == 0 and s["sounding"] == 0,
             20.0, f"the answer {what} to end",
         )
-        _, problems = note_pairs(self.recorder.timed_messages)
+        problems = unreleased_after_settling(self.recorder)
         assert problems == [], problems
         assert status["failed"] == 0
         return status
