@@ -13,6 +13,7 @@ free, the same calls give ordinary memory: nothing here is needed for correctnes
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 
 import numpy as np
@@ -28,11 +29,11 @@ def huge_page_bytes(nbytes: int) -> Tensor:
     kernel for 2 MB pages. The tensor keeps its mapping alive."""
     size = -(-max(nbytes, 1) // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE  # room to align the start
     mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    # Without MADV_HUGEPAGE (not Linux) or with a kernel built without transparent huge
+    # pages, the mapping keeps ordinary pages: slower to stream, the same values.
     if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
+        with contextlib.suppress(OSError):
             mapping.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:  # a kernel built without transparent huge pages
-            pass
     array = np.frombuffer(mapping, dtype=np.uint8)
     start = (-array.ctypes.data) % HUGE_PAGE
     return torch.from_numpy(array[start:start + nbytes])
@@ -50,12 +51,11 @@ def gather(tensors: list[Tensor]) -> list[Tensor]:
     offsets, end = [], 0
     for t in tensors:
         offsets.append(end)
-        end = -(-(end + t.numel() * t.element_size()) // ALIGN) * ALIGN
+        end = -(-(end + t.nbytes) // ALIGN) * ALIGN
     buffer = huge_page_bytes(end)
     placed = []
     for t, at in zip(tensors, offsets, strict=True):
-        nbytes = t.numel() * t.element_size()
-        copy = buffer[at:at + nbytes].view(t.dtype).view(t.shape)
+        copy = buffer[at:at + t.nbytes].view(t.dtype).view(t.shape)
         copy.copy_(t)
         placed.append(copy)
     return placed
