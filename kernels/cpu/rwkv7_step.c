@@ -48,7 +48,7 @@
 #include <unistd.h>
 #endif
 
-#if !defined(RWKV7_SCALAR) && (defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__)))
+#ifdef __SSE__ /* x86: the vector code below and relu's maxss */
 #include <immintrin.h>
 #endif
 
@@ -365,10 +365,25 @@ static int cdiv(int a, int b) { return (a + b - 1) / b; }
 
 enum { OUT_STORE, OUT_ADD, OUT_RELU_SQ };
 
+/* max(d, 0) without a branch: the sign of a row's sum is data, so a branch here is mispredicted
+ * about half the time, and fmaxf is a call into libm (it keeps NaN rules). At K = 4, L12-D512
+ * bf16, ffn_key took 1.11 ms a token with the branch, 1.01 with fmaxf, 0.87 with this; the
+ * same pass storing its sums unchanged 0.89. NaN gives 0, as the branch did. */
+static inline float relu(float d) {
+#ifdef __SSE__
+    return _mm_cvtss_f32(_mm_max_ss(_mm_set_ss(d), _mm_setzero_ps()));
+#else
+    return d > 0.0f ? d : 0.0f;
+#endif
+}
+
 static inline void emit(float *o, float d, int mode) {
     if (mode == OUT_STORE) *o = d;
     else if (mode == OUT_ADD) *o += d;
-    else { d = d > 0.0f ? d : 0.0f; *o = d * d; }
+    else {
+        d = relu(d);
+        *o = d * d;
+    }
 }
 
 /* ROW_STREAMS (defined with read_sum) is the number of memory streams a matvec reads at once.
@@ -419,10 +434,13 @@ static inline __attribute__((always_inline)) void dot_rows(const void *const *w,
     for (; i + 4 * VW <= in; i += 4 * VW) {
         /* With several token streams the pass is busy with FMAs and the hardware prefetcher
          * falls behind: asking for each row PREFETCH_AHEAD bytes ahead took K = 4 from 5.31 to
-         * 4.99 ms a token (L12-D512 bf16). With one stream it only slowed the pass down. */
+         * 4.99 ms a token (L12-D512 bf16). As a non-temporal prefetch (locality 0) the weights,
+         * read once a token, no longer push the recurrent state and the activations out of
+         * the L3 cache: 3.87 -> 3.68 ms, the heads phase 0.42 -> 0.31 ms. With one stream any
+         * prefetch only slowed the pass down (2.09 -> 2.2-2.9 ms at 256 B to 4 KB ahead). */
         if (G > 1)
             for (int q = 0; q < R; q++)
-                __builtin_prefetch((const char *)w[q] + (size_t)i * w_bytes(kind) + PREFETCH_AHEAD, 0, 3);
+                __builtin_prefetch((const char *)w[q] + (size_t)i * w_bytes(kind) + PREFETCH_AHEAD, 0, 0);
         dot_pair(w, R, G, kind, x, ldx, i, acc);
         dot_pair(w, R, G, kind, x, ldx, i + 2 * VW, acc);
     }
