@@ -301,38 +301,39 @@ class ThreadChoice:
     from other work comes and goes). A step's work is fixed, so its time only says how busy the
     machine is. When the other option was more than FAR times slower, it is tried only every
     EXPLORE_FAR_EVERY-th call: on an idle 2-core machine one thread takes 1.7x as long, and
-    trying it every 16th token cost 4-5 % of all the time. Load that slows the running option
-    shows in its own times at once, so that option is left as soon as it stops being the best.
+    trying it every 16th token cost 4-5 % of all the time, every 64th about 1 %. Load that slows
+    the running option shows in its own times at once, so that option is left as soon as it
+    stops being the best. The medians are kept up to date by `record`, so `choose` only compares
+    two numbers: with the 64th call and two sorts in `choose`, a step at L12-D512 bf16 cost
+    2.29 ms a token against 2.24 with the thread count fixed; now the two are the same.
     """
 
     WINDOW = 5
     WARMUP = 3  # samples of each option before choosing
     EXPLORE_EVERY = 16
-    EXPLORE_FAR_EVERY = 64
+    EXPLORE_FAR_EVERY = 256
     FAR = 1.5
 
     def __init__(self) -> None:
         self._times: dict[int, deque[float]] = {}
+        self._medians: dict[int, float] = {}  # of each option's times, kept by record()
         self._calls = 0
 
     def choose(self, most: int) -> int:
         if most <= 1:
             return 1
         self._calls += 1
-        options = (1, most)
-        for n in options:
-            if len(self._times.setdefault(n, deque(maxlen=self.WINDOW))) < self.WARMUP:
+        for n in (1, most):
+            if len(self._times.get(n, ())) < self.WARMUP:
                 return n
-        best, other = sorted(options, key=self._median)
-        far = self._median(other) > self.FAR * self._median(best)
+        one, many = self._medians[1], self._medians[most]
+        best, other, far = (1, most, many > self.FAR * one) if one < many else (most, 1, one > self.FAR * many)
         return other if self._calls % (self.EXPLORE_FAR_EVERY if far else self.EXPLORE_EVERY) == 0 else best
 
     def record(self, threads: int, seconds: float) -> None:
-        self._times.setdefault(threads, deque(maxlen=self.WINDOW)).append(seconds)
-
-    def _median(self, threads: int) -> float:
-        times = sorted(self._times[threads])
-        return times[len(times) // 2]
+        times = self._times.setdefault(threads, deque(maxlen=self.WINDOW))
+        times.append(seconds)
+        self._medians[threads] = sorted(times)[len(times) // 2]
 
 
 # ------------------------------------------------------------------------------- the kernel

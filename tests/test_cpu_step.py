@@ -355,7 +355,7 @@ def test_cpu_step_same_bits_on_any_thread_count(weights):
 
 @pytest.mark.parametrize("one_thread_s, explore_every", [
     (0.0024, ThreadChoice.EXPLORE_EVERY),  # close (1.2x): checked every 16th call
-    (0.005, ThreadChoice.EXPLORE_FAR_EVERY),  # far (2.5x): every 64th
+    (0.005, ThreadChoice.EXPLORE_FAR_EVERY),  # far (2.5x): every 256th
 ])
 def test_thread_choice_runs_the_faster_option_and_keeps_checking_the_other(one_thread_s, explore_every):
     choice = ThreadChoice()
