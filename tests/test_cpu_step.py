@@ -148,6 +148,13 @@ def test_cpu_step_odd_head_size_and_one_thread():
 
 
 @needs_cc
+def test_cpu_step_layer_norm_in_several_blocks():
+    # C = 576: the layer-norm phases cut a stream's channels into blocks of 512, the last short.
+    model = perturbed(ModelConfig(n_layer=1, n_embd=576, head_size=64, vocab_size=60), seed=0)
+    compare_steps(model, kernel_for(model), batch=2, n_tokens=12, well_conditioned=True)
+
+
+@needs_cc
 def test_cpu_step_sees_weights_copied_in_place():
     model = random_model(n_layer=2, n_embd=64, seed=5)
     kernel = kernel_for(model)

@@ -395,6 +395,13 @@ static inline void emit(float *o, float d, int mode) {
  * (The tiles of 4 rows this replaced read one stream per core: 0.78x the speed.) */
 #define MAX_ACC 8 /* accumulators of a pass, rows x token streams: AVX2 has 16 registers */
 #define PREFETCH_AHEAD 1024 /* bytes ahead in each row, for passes of several token streams */
+/* With one token stream, a prefetch 256 B ahead in the first of the eight rows of a pass, and
+ * in no other: L12-D512 bf16 2.10 -> 2.04 ms a token (the C call, A/B in one process, six runs:
+ * -0.04 to -0.09 ms; 128 B the same, 64 B -0.03, 8 KB or a nop in its place nothing; the 4th
+ * or the 8th row instead of the first the same). In two rows it gained less, in four less
+ * still, in all eight it cost 0.1 ms. Measured, not understood: perhaps the hardware
+ * prefetcher follows seven streams better than eight. */
+#define ONE_ROW_AHEAD 256
 
 
 /* Packed rows are padded with zero columns to a multiple of COLUMN_PAD (kernels/weight_formats.py
@@ -436,11 +443,13 @@ static inline __attribute__((always_inline)) void dot_rows(const void *const *w,
          * falls behind: asking for each row PREFETCH_AHEAD bytes ahead took K = 4 from 5.31 to
          * 4.99 ms a token (L12-D512 bf16). As a non-temporal prefetch (locality 0) the weights,
          * read once a token, no longer push the recurrent state and the activations out of
-         * the L3 cache: 3.87 -> 3.68 ms, the heads phase 0.42 -> 0.31 ms. With one stream any
-         * prefetch only slowed the pass down (2.09 -> 2.2-2.9 ms at 256 B to 4 KB ahead). */
+         * the L3 cache: 3.87 -> 3.68 ms, the heads phase 0.42 -> 0.31 ms. With one stream the same
+         * in every row only slowed the pass down (2.09 -> 2.2-2.9 ms at 256 B to 4 KB ahead). */
         if (G > 1)
             for (int q = 0; q < R; q++)
                 __builtin_prefetch((const char *)w[q] + (size_t)i * w_bytes(kind) + PREFETCH_AHEAD, 0, 0);
+        else /* one stream: see ONE_ROW_AHEAD */
+            __builtin_prefetch((const char *)w[0] + (size_t)i * w_bytes(kind) + ONE_ROW_AHEAD, 0, 0);
         dot_pair(w, R, G, kind, x, ldx, i, acc);
         dot_pair(w, R, G, kind, x, ldx, i + 2 * VW, acc);
     }
@@ -1215,7 +1224,10 @@ int rwkv7_step(const int32_t *dims, const float *eps, const float *const *params
     const int C = dims[D_C], F = dims[D_F];
     j.row_chunk_c = round_rows(CHUNK_BYTES / (int)(row_stride(C, weights) * w_bytes(weights)));
     j.row_chunk_f = round_rows(CHUNK_BYTES / (int)(row_stride(F, weights) * w_bytes(weights)));
-    j.channel_chunk = 128;
+    /* Each chunk of a layer-norm phase computes the norm's statistics over all C channels, so
+     * blocks of 128 channels computed them C / 128 times a stream: whole rows up to 512
+     * channels took K = 4 from 3.49 to 3.45 ms a token (L12-D512 bf16, A/B). */
+    j.channel_chunk = 512;
     const size_t BC = (size_t)batch * C;
     float *p = scratch;
     j.buf.x = p; p += BC;
