@@ -175,6 +175,11 @@ def test_engine_keeps_its_weight_format_across_a_swap():
         Engine(new_model, new_meta, step_weights="fp8")
 
 
+def first_line_after(t: torch.Tensor) -> int:
+    """The address of the first cache line (huge_pages.ALIGN) at or after the end of `t`."""
+    return -(-(t.data_ptr() + t.nbytes) // huge_pages.ALIGN) * huge_pages.ALIGN
+
+
 def test_huge_pages_gather_keeps_values_and_places_one_after_another():
     tensors = [torch.randn(3, 5), torch.arange(7, dtype=torch.int16),
                torch.randint(-127, 128, (4, 33), dtype=torch.int8)]
@@ -185,7 +190,7 @@ def test_huge_pages_gather_keeps_values_and_places_one_after_another():
     assert placed[0].data_ptr() % huge_pages.HUGE_PAGE == 0
     # one buffer, in order: each starts at the first cache line after the one before
     for a, b in zip(placed, placed[1:]):
-        assert b.data_ptr() == -(-(a.data_ptr() + a.numel() * a.element_size()) // 64) * 64
+        assert b.data_ptr() == first_line_after(a)
     floats = huge_pages.huge_page_floats(1000)
     assert floats.dtype == torch.float32 and torch.equal(floats, torch.ones(1000))
 
@@ -198,4 +203,4 @@ def test_cpu_step_packed_weights_live_in_one_buffer():
     packed = [m.data for m in kernel._current_binding().packed]
     assert packed[0].data_ptr() % huge_pages.HUGE_PAGE == 0
     for a, b in zip(packed, packed[1:]):  # in the order of the layout table, back to back
-        assert b.data_ptr() == -(-(a.data_ptr() + a.numel() * a.element_size()) // 64) * 64
+        assert b.data_ptr() == first_line_after(a)
