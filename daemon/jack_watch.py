@@ -1,10 +1,24 @@
-"""Notice a JACK server that goes away, from a small child process of its own.
+"""Notice a JACK server that goes away, and tell when a change of its graph has settled,
+from a small child process of its own.
 
 `JackServerWatch` starts this file as a script. The child opens a port-less JACK client with
-the system's libjack (through ctypes), asks for libjack's shutdown callback, prints one line
-("watching") and then waits for its standard input to close. When the server goes away the
-callback ends the child with `EXIT_SERVER_GONE`; when the daemon closes the watch (or dies) the
-child's stdin reaches end of file and it exits; the server drops its client.
+the system's libjack (through ctypes), asks for libjack's shutdown and graph-order callbacks,
+activates the client, prints one line ("watching" with the server's period) and then waits
+for its standard input to close. When the server goes away the callback ends the child with
+`EXIT_SERVER_GONE`; when the daemon closes the watch (or dies) the child's stdin reaches end of
+file and it exits; the server drops its client.
+
+Settling (`graph_mark` / `settle`): after every change of the graph (a client activated or
+closed, a port registered or unregistered, a connection made) the server sends each client a
+latency notification, one client after the other, waiting for each answer, and then a
+graph-order notification. libjack (jack2 up to at least 1.9.22, also the copy inside
+python-rtmidi's wheel) walks the client's list of ports for the latency notification on its
+own thread, without a lock; a port registered or unregistered by that client meanwhile crashes
+the process (jack2 issue 216; here in MidiInJack::closePort while the same client handled a
+latency notification, 1 run in 8 of 60 open/close cycles with both cores loaded). The child
+writes one byte to its stdout for every graph-order notification, so the daemon can wait,
+before it registers or unregisters a port, until the notifications about its own previous
+change have all been answered.
 
 Why a process and not a client in the daemon: python-rtmidi's wheel carries a libjack of its
 own, so a watch client in the daemon's process put a second libjack beside it. Closing that
@@ -29,7 +43,9 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +55,19 @@ EXIT_SERVER_GONE = 3  # libjack's shutdown callback: the server went away or dro
 EXIT_NO_SERVER = 4  # no server to watch
 EXIT_NO_LIBJACK = 5  # libjack cannot be loaded
 
-_READY_LINE = b"watching\n"
+_READY_WORD = b"watching"  # the child's first line: b"watching <period frames> <sample rate>\n"
+_ROUND_MARK = b"g"  # one byte on the child's stdout per graph-order notification
 _NO_START_SERVER = 0x01  # JackNoStartServer: never start a server as a side effect
 _START_TIMEOUT_S = 10.0  # for the child to open its client (a loaded machine is slow)
 _STOP_TIMEOUT_S = 2.0  # for the child to exit when asked, before it is killed
+# How long `settle` waits for the notifications about a change. The server sends them at the
+# start of its next cycle; a loaded machine delays them by milliseconds, rarely by more.
+SETTLE_TIMEOUT_S = 1.0
+# Two changes made back to back may straddle a cycle and come as two rounds of notifications:
+# after the first round, wait until none has come for this many periods (and at least
+# _MIN_QUIET_S), so that the second is not missed.
+_QUIET_PERIODS = 3
+_MIN_QUIET_S = 0.004
 
 
 class JackServerWatch:
@@ -50,12 +75,18 @@ class JackServerWatch:
 
     `open()` starts it and returns once it watches (False: no server, or no libjack); `gone`
     becomes true when the server went away; `close()` ends the child within a bounded time.
+    `graph_mark()` before a change of the graph and `settle(mark)` after it wait until the
+    server has told every client about the change (see the module docstring).
     """
 
     def __init__(self, name: str):
         self.name = name
         self._process: subprocess.Popen[bytes] | None = None
         self._broken_reported = False
+        self._rounds = 0  # graph-order notifications the child reported
+        self._last_round = 0.0  # time.monotonic() when the last one was read
+        self._quiet_s = _MIN_QUIET_S
+        self.settle_timeouts = 0  # `settle` calls that saw no notification in time
 
     @property
     def gone(self) -> bool:
@@ -102,7 +133,69 @@ class JackServerWatch:
                 self._process = None
                 return False
             line += chunk
-        return line == _READY_LINE
+        first, _, rest = line.partition(b"\n")
+        words = first.split()
+        if len(words) != 3 or words[0] != _READY_WORD:
+            log.warning("MIDI: the JACK watch said %r; a server that goes away will not be noticed", first)
+            self.close()
+            return False
+        period_s = int(words[1]) / max(int(words[2]), 1)
+        self._quiet_s = max(_MIN_QUIET_S, _QUIET_PERIODS * period_s)
+        self._rounds, self._last_round = rest.count(_ROUND_MARK), time.monotonic()
+        return True
+
+    @contextlib.contextmanager
+    def change(self) -> Iterator[None]:
+        """Around one change of the graph: on the way out, `settle` after it."""
+        mark = self.graph_mark()
+        try:
+            yield
+        finally:
+            self.settle(mark)
+
+    def graph_mark(self) -> int:
+        """The number of rounds of graph notifications seen so far: take it before a change."""
+        self._read_rounds(0.0)
+        return self._rounds
+
+    def settle(self, mark: int, timeout_s: float = SETTLE_TIMEOUT_S) -> bool:
+        """Wait until a round of notifications came after `mark` and no other followed for a few
+        periods; False (and counted in `settle_timeouts`) when none came within `timeout_s`.
+
+        Returns at once when the watch is not running."""
+        if self._process is None:
+            return False
+        deadline = time.monotonic() + timeout_s
+        while self._rounds <= mark:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._read_rounds(remaining):
+                if self._rounds <= mark:
+                    self.settle_timeouts += 1
+                    return False
+        while True:
+            quiet_until = self._last_round + self._quiet_s
+            remaining = min(quiet_until, deadline) - time.monotonic()
+            if remaining <= 0 or not self._read_rounds(remaining):
+                return True
+
+    def _read_rounds(self, timeout_s: float) -> bool:
+        """Read the round marks the child wrote, waiting up to `timeout_s` for the first; True
+        when at least one was read."""
+        process = self._process
+        if process is None or process.stdout is None:
+            return False
+        fd = process.stdout.fileno()
+        if not select.select([fd], [], [], max(timeout_s, 0.0))[0]:
+            return False
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            return False
+        if not data:  # the child exited: nothing more will come
+            return False
+        self._rounds += data.count(_ROUND_MARK)
+        self._last_round = time.monotonic()
+        return True
 
     def close(self) -> None:
         """Stop the child: end of its stdin, then SIGKILL if it has not exited within a bound."""
@@ -136,6 +229,13 @@ def _watch(name: str) -> int:
     lib.jack_client_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
     shutdown_callback = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
     lib.jack_on_shutdown.argtypes = [ctypes.c_void_p, shutdown_callback, ctypes.c_void_p]
+    graph_order_callback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+    lib.jack_set_graph_order_callback.argtypes = [ctypes.c_void_p, graph_order_callback, ctypes.c_void_p]
+    lib.jack_activate.argtypes = [ctypes.c_void_p]
+    lib.jack_get_buffer_size.argtypes = [ctypes.c_void_p]
+    lib.jack_get_buffer_size.restype = ctypes.c_uint32
+    lib.jack_get_sample_rate.argtypes = [ctypes.c_void_p]
+    lib.jack_get_sample_rate.restype = ctypes.c_uint32
 
     status = ctypes.c_int(0)
     client = lib.jack_client_open(name.encode("utf-8", "replace")[:60], _NO_START_SERVER, ctypes.byref(status))
@@ -144,10 +244,32 @@ def _watch(name: str) -> int:
     # Called on a libjack thread; nothing is left to clean up once the server is gone.
     on_shutdown = shutdown_callback(lambda _arg: os._exit(EXIT_SERVER_GONE))
     lib.jack_on_shutdown(client, on_shutdown, None)
-    os.write(sys.stdout.fileno(), _READY_LINE)
+    # A full pipe (a daemon that has not asked for a while) must never block libjack's thread:
+    # the marks are only counted, so a lost one costs nothing.
+    os.set_blocking(sys.stdout.fileno(), False)
+    activated = threading.Event()
+    reporting = threading.Event()  # set once the ready line is out: marks come after it
+
+    def on_graph_order(_arg: object) -> int:
+        if reporting.is_set():
+            with contextlib.suppress(OSError):
+                os.write(sys.stdout.fileno(), _ROUND_MARK)
+        activated.set()
+        return 0
+
+    on_graph_order_c = graph_order_callback(on_graph_order)
+    lib.jack_set_graph_order_callback(client, on_graph_order_c, None)
+    # Notifications reach active clients only. The client has no process callback, so the
+    # server never waits for it in a cycle.
+    if lib.jack_activate(client) == 0:
+        activated.wait(_START_TIMEOUT_S / 2)  # our own arrival's round: the graph is settled
+    period, rate = lib.jack_get_buffer_size(client), lib.jack_get_sample_rate(client)
+    os.write(sys.stdout.fileno(), b"%s %d %d\n" % (_READY_WORD, period, rate))  # the pipe is empty
+    reporting.set()
     sys.stdin.buffer.read()  # returns at end of file: the daemon closed our stdin, or died
-    # No jack_client_close: closing this never-activated client hung now and then inside
-    # libjack. The server drops a client whose connection closes, as it does for a crashed one.
+    # No jack_client_close: closing the client hung now and then inside libjack (when it was
+    # a never-activated one). The server drops a client whose connection closes, as it does
+    # for a crashed one.
     os._exit(EXIT_STOPPED)
 
 

@@ -55,10 +55,13 @@ connect" (README, "Routing").
 Order on JACK: open the output, the input, then the SysEx guard with its connection; close the
 input, the output, then the guard. libjack crashes the process now and then when a client's
 port list changes (a port registered or unregistered) while the client's notification thread
-walks that list for a latency update that a change of connections elsewhere set off (jack2 issue
-216): closing the guard first and then the input's port crashed 3 runs in 3 of 300 open/close
-cycles on a loaded machine, this order none in 6 such runs; the guard's connection comes last
-at open so that no port of ours is registered while its latency update is under way.
+walks that list for the latency notification that any change of the graph sets off (jack2 issue
+216). So every change we make waits, before the next one, until the server has sent all its
+notifications about it (`_graph_change`, told by the watch's child: `daemon.jack_watch`); a
+port is then never registered or unregistered while a notification about our own previous
+change is being handled. Without the waits the input's close crashed 1 run in 8 of 60
+open/close cycles with both cores loaded (the latency notification of the guard's connection
+still under way); a change made by another program at that very moment can still set it off.
 
 Invalid bytes (truncated, stray data bytes, undefined status) are counted in `stats.invalid`
 and dropped; nothing raised while handling a message escapes the reader thread.
@@ -137,6 +140,9 @@ _WARN_INTERVAL_S = 1.0
 _YIELD_EVERY = 8
 # After the JACK server went away: how often to look for it again.
 _RECONNECT_INTERVAL_S = 0.5
+# Without a watch (it did not start) a change of the JACK graph waits this long instead of for
+# the server's notifications about it (see `_graph_change`).
+_UNWATCHED_SETTLE_S = 0.02
 # A lone SysEx end byte goes to our own input after this long without input (see above).
 _SYSEX_END_AFTER_S = 1.0
 # JACK has no hidden ports, so the guard's port is named to say it is internal: its full name is
@@ -453,9 +459,29 @@ class MidiPorts:
         sysex_end, self._sysex_end = self._sysex_end, None
         for client in (midi_in, midi_out, sysex_end):
             if client is not None:
-                with contextlib.suppress(rtmidi.RtMidiError):
-                    client.close_port()
-                client.delete()
+                with self._graph_change():
+                    with contextlib.suppress(rtmidi.RtMidiError):
+                        client.close_port()
+                    client.delete()
+
+    @contextlib.contextmanager
+    def _graph_change(self) -> Iterator[None]:
+        """Around one change of the JACK graph (a client opened or closed, a port registered
+        or unregistered, a connection made): on the way out, wait until the server has sent
+        every client its notifications about the change, so that the next port registered or
+        unregistered does not meet libjack's latency notification (module docstring). Waits
+        for a round of notifications at most `jack_watch.SETTLE_TIMEOUT_S`; nothing on ALSA."""
+        if self._api != rtmidi.API_UNIX_JACK:
+            yield
+            return
+        if self._watch is None:
+            try:
+                yield
+            finally:
+                time.sleep(_UNWATCHED_SETTLE_S)
+            return
+        with self._watch.change():
+            yield
 
     def _open_input(self) -> None:
         cfg = self.config
@@ -464,7 +490,8 @@ class MidiPorts:
         client = cfg.in_port or "RWKV-Music in"
         label = cfg.connect_in or cfg.in_port
         try:
-            midi_in = rtmidi.MidiIn(self._api, name=client, queue_size_limit=_RTMIDI_QUEUE_SIZE)
+            with self._graph_change():
+                midi_in = rtmidi.MidiIn(self._api, name=client, queue_size_limit=_RTMIDI_QUEUE_SIZE)
         except rtmidi.RtMidiError as err:
             raise MidiPortError(label, f"cannot open the {self.api_name} MIDI client: {err}") from err
         self._midi_in = midi_in
@@ -474,10 +501,13 @@ class MidiPorts:
         midi_in.ignore_types(sysex=False, timing=False, active_sense=False)
         try:
             if cfg.connect_in:
-                midi_in.open_port(find_port(midi_in.get_ports(), cfg.connect_in, "input"), client)
+                port = find_port(midi_in.get_ports(), cfg.connect_in, "input")
+                with self._graph_change():
+                    midi_in.open_port(port, client)
             else:
                 self._check_virtual_ports(cfg.in_port)
-                midi_in.open_virtual_port(cfg.in_port)
+                with self._graph_change():
+                    midi_in.open_virtual_port(cfg.in_port)
         except rtmidi.RtMidiError as err:
             raise MidiPortError(label, str(err)) from err
         # From here on, driver errors go into the event stream instead of being raised here.
@@ -489,12 +519,16 @@ class MidiPorts:
         """A client of ours with an output wired to our own input port "<port>:<port>"."""
         sender = None
         try:
-            sender = rtmidi.MidiOut(self._api, name=f"{port} {SYSEX_GUARD_SUFFIX}")
-            sender.open_port(find_port(sender.get_ports(), f"{port}:{port}", "output"), SYSEX_GUARD_PORT)
+            with self._graph_change():
+                sender = rtmidi.MidiOut(self._api, name=f"{port} {SYSEX_GUARD_SUFFIX}")
+            ours = find_port(sender.get_ports(), f"{port}:{port}", "output")
+            with self._graph_change():  # our last change at open: the ports open on a quiet graph
+                sender.open_port(ours, SYSEX_GUARD_PORT)
         except (rtmidi.RtMidiError, PortNotFoundError) as err:
             log.warning("MIDI: no SysEx guard on %s (%s): a SysEx cut short would deafen the input", port, err)
             if sender is not None:
-                sender.delete()
+                with self._graph_change():
+                    sender.delete()
             return None
         return sender
 
@@ -505,16 +539,20 @@ class MidiPorts:
         client = cfg.out_port or "RWKV-Music out"
         label = cfg.connect_out or cfg.out_port
         try:
-            midi_out = rtmidi.MidiOut(self._api, name=client)
+            with self._graph_change():
+                midi_out = rtmidi.MidiOut(self._api, name=client)
         except rtmidi.RtMidiError as err:
             raise MidiPortError(label, f"cannot open the {self.api_name} MIDI client: {err}") from err
         self._midi_out = midi_out
         try:
             if cfg.connect_out:
-                midi_out.open_port(find_port(midi_out.get_ports(), cfg.connect_out, "output"), client)
+                port = find_port(midi_out.get_ports(), cfg.connect_out, "output")
+                with self._graph_change():
+                    midi_out.open_port(port, client)
             else:
                 self._check_virtual_ports(cfg.out_port)
-                midi_out.open_virtual_port(cfg.out_port)
+                with self._graph_change():
+                    midi_out.open_virtual_port(cfg.out_port)
         except rtmidi.RtMidiError as err:
             raise MidiPortError(label, str(err)) from err
 

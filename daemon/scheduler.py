@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from daemon.errors import SchedulerStoppedError
+from daemon.jack_watch import JackServerWatch
 from daemon.midi_events import (
     CONTROL_CHANGE,
     NOTE_OFF,
@@ -465,8 +466,14 @@ def measure_grid_timing(
         raise ValueError(f"notes = {notes}: must be between 1 and 6000")
     tag = f"{os.getpid()}-{time.monotonic_ns() % 1_000_000}"
     sender_client, receiver_client = f"timing-send-{tag}", f"timing-recv-{tag}"
-    midi_out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=sender_client)
-    midi_out.open_virtual_port("out")
+    # Each change of the graph waits for the server's notifications about it: libjack crashes a
+    # client that registers or unregisters a port meanwhile (daemon.jack_watch).
+    watch = JackServerWatch(f"timing-watch-{tag}")
+    watch.open()
+    with watch.change():
+        midi_out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=sender_client)
+    with watch.change():
+        midi_out.open_virtual_port("out")
     program = "from daemon.scheduler import record_arrivals_main; record_arrivals_main()"
     receiver = subprocess.Popen(
         [sys.executable, "-c", program, f"{sender_client}:out", receiver_client],
@@ -476,6 +483,7 @@ def measure_grid_timing(
     )
     stop_load = threading.Event()
     load_thread = None
+    receiver_leaves = 0  # the watch's round count before the receiver is told to stop
     try:
         assert receiver.stdout is not None and receiver.stdin is not None
         if receiver.stdout.readline().strip() != "ready":
@@ -502,6 +510,7 @@ def measure_grid_timing(
             scheduler.schedule_many(expected)
             time.sleep(max(0.0, expected[-1][0] - time.perf_counter()) + 0.2)
         stop_load.set()
+        receiver_leaves = watch.graph_mark()
         receiver.stdin.write("stop\n")
         receiver.stdin.flush()
         arrivals = json.loads(receiver.stdout.readline())
@@ -514,7 +523,9 @@ def measure_grid_timing(
         except subprocess.TimeoutExpired:
             receiver.kill()
             receiver.wait()
+        watch.settle(receiver_leaves)  # its client has left the graph
         midi_out.delete()
+        watch.close()
     due_by_message = {msg: at for at, msg in expected}
     pairs = []
     for arrived, msg in arrivals:

@@ -65,7 +65,8 @@ def test_midi_ports_close_many_times_in_bounded_time_on_a_loaded_machine(jack_se
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JACK_DEFAULT_SERVER": jack_server.name}
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-c", CYCLE_SCRIPT, prefix, str(CYCLES)],
+        # faulthandler: a crash prints every thread's Python stack, so a failure says where.
+        [sys.executable, "-X", "faulthandler", "-c", CYCLE_SCRIPT, prefix, str(CYCLES)],
         capture_output=True, text=True, env=env, timeout=CYCLES * CLOSE_BOUND_S,
     )
     assert result.returncode == 0, f"exit {result.returncode}:\n{result.stderr[-3000:]}"
@@ -76,6 +77,34 @@ def test_midi_ports_close_many_times_in_bounded_time_on_a_loaded_machine(jack_se
     # Nothing of ours is left on the server: no port, and (through the watch) no client.
     assert [p for p in jack_server.ports() if prefix in p] == []
     print(f"{CYCLES} cycles in {time.monotonic() - started:.1f} s, worst close {report['worst_close_s']:.3f} s")
+
+
+def test_jack_watch_settles_after_a_change_of_the_graph_and_only_then(jack_server: JackServer):
+    """`settle` returns once the server's notifications about a change came; with no change it
+    waits its whole timeout and says so."""
+    import rtmidi
+
+    watch = JackServerWatch(unique_client_name("settle-watch"))
+    assert watch.open()
+    client = None
+    try:
+        mark = watch.graph_mark()
+        client = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=unique_client_name("settle"))  # a change
+        started = time.monotonic()
+        assert watch.settle(mark, timeout_s=5.0)
+        assert watch.graph_mark() > mark
+        assert time.monotonic() - started < 5.0
+
+        mark = watch.graph_mark()
+        started = time.monotonic()
+        assert not watch.settle(mark, timeout_s=0.3)  # nothing changed: no notification
+        assert time.monotonic() - started >= 0.3
+        assert watch.settle_timeouts == 1
+    finally:
+        if client is not None:
+            client.delete()
+        watch.close()
+    assert not watch.settle(watch.graph_mark())  # a closed watch returns at once
 
 
 def test_jack_watch_close_is_bounded_when_the_child_does_not_answer(jack_server: JackServer):
