@@ -8,6 +8,7 @@ tolerances are generous (this machine is shared and loaded); the tight figures c
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -377,6 +378,22 @@ def test_daemon_process_stops_on_sigint_releasing_every_note(jack_server, tiny_c
     ready = next(line for line in log_text.splitlines() if "ready: model" in line)
     assert "MIDI jack" in ready and in_port in ready and out_port in ready and "OSC 127.0.0.1:" in ready
     assert "stopped" in log_text and "Traceback" not in log_text
+
+
+def test_a_daemon_stopped_while_stderr_has_no_descriptor_closes_its_ports(jack_server, tiny_checkpoint, capsys):
+    """Embedded where sys.stderr is captured (here capsys; a notebook alike), the exit
+    watchdog has no file descriptor to write to. It once raised there and the stop never ran:
+    the ports stayed on the server and the daemon's threads lived on in the test process."""
+    settings = daemon_settings(tiny_checkpoint)
+    background = BackgroundDaemon(settings)
+    background.start()
+    ours = (settings.midi.in_port, settings.midi.out_port)
+    jack_server.wait_for_port(f"{settings.midi.out_port}:")
+    with pytest.raises(io.UnsupportedOperation):
+        sys.stderr.fileno()  # the condition under test
+    background.stop()
+    assert [p for p in jack_server.ports() if p.startswith(ours)] == []
+    assert "stopped with an error" not in capsys.readouterr().err
 
 
 def test_daemon_without_checkpoint_is_one_line_error(tmp_path, capsys):
