@@ -65,9 +65,10 @@ _STOP_TIMEOUT_S = 2.0  # for the child to exit when asked, before it is killed
 SETTLE_TIMEOUT_S = 1.0
 # Two changes made back to back may straddle a cycle and come as two rounds of notifications:
 # after the first round, wait until none has come for this many periods (and at least
-# _MIN_QUIET_S), so that the second is not missed.
+# _MIN_QUIET_S, at most _MAX_QUIET_S), so that the second is not missed.
 _QUIET_PERIODS = 3
 _MIN_QUIET_S = 0.004
+_MAX_QUIET_S = 0.1
 
 
 class JackServerWatch:
@@ -87,6 +88,14 @@ class JackServerWatch:
         self._last_round = 0.0  # time.monotonic() when the last one was read
         self._quiet_s = _MIN_QUIET_S
         self.settle_timeouts = 0  # `settle` calls that saw no notification in time
+
+    def __enter__(self) -> JackServerWatch:
+        """`open()` (whether or not a server is there: `settle` then returns at once)."""
+        self.open()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     @property
     def gone(self) -> bool:
@@ -140,7 +149,7 @@ class JackServerWatch:
             self.close()
             return False
         period_s = int(words[1]) / max(int(words[2]), 1)
-        self._quiet_s = max(_MIN_QUIET_S, _QUIET_PERIODS * period_s)
+        self._quiet_s = min(max(_MIN_QUIET_S, _QUIET_PERIODS * period_s), _MAX_QUIET_S)
         self._rounds, self._last_round = rest.count(_ROUND_MARK), time.monotonic()
         return True
 

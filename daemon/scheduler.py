@@ -403,8 +403,8 @@ def record_arrivals_main() -> None:
 
     Prints "ready" once connected to the JACK port, records every message with its arrival
     time until a line arrives on stdin, then prints [[time, [bytes...]], ...] as JSON. A process
-    of its own, so the lock waits of the measured process do not count; it imports only rtmidi
-    and daemon.midi_events. It polls rtmidi's queue rather than taking a Python callback, so it
+    of its own, so the lock waits of the measured process do not count; it imports only rtmidi,
+    daemon.midi_events and daemon.jack_watch. It polls rtmidi's queue rather than taking a Python callback, so it
     can close its client at once even while the sender keeps sending (see daemon.midi_ports);
     the times come from rtmidi's delta times (ArrivalStamper), not from when a poll saw them.
     """
@@ -418,9 +418,13 @@ def record_arrivals_main() -> None:
     source, client = sys.argv[1], sys.argv[2]
     stamper = ArrivalStamper()
     arrivals: list[tuple[float, list[int]]] = []
-    midi_in = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name=client, queue_size_limit=65536)
+    watch = JackServerWatch(f"{client} watch")  # each change settles (daemon.jack_watch)
+    watch.open()
+    with watch.change():
+        midi_in = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name=client, queue_size_limit=65536)
     midi_in.ignore_types(sysex=False, timing=False, active_sense=False)
-    midi_in.open_port(midi_in.get_ports().index(source))
+    with watch.change():
+        midi_in.open_port(midi_in.get_ports().index(source))
     print("ready", flush=True)
     while True:
         message = midi_in.get_message()
@@ -429,8 +433,10 @@ def record_arrivals_main() -> None:
             continue
         if select.select([sys.stdin], [], [], 0.001)[0]:  # "stop", or the parent went away
             break
-    midi_in.close_port()
+    with watch.change():
+        midi_in.close_port()
     midi_in.delete()
+    watch.close()
     print(json.dumps(arrivals), flush=True)
 
 

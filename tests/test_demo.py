@@ -18,7 +18,7 @@ from pathlib import Path
 import mido
 import pytest
 
-from daemon.midi_ports import jack_server_running
+from tests.fixtures.jack import jack_server_runs
 from tools.cli import main as cli_main
 from tools.demo import DEFAULT_CHECKPOINT, DEFAULT_PHRASE, read_phrase
 
@@ -131,7 +131,7 @@ def test_demo_starts_a_private_jack_server_when_none_runs(tmp_path, monkeypatch)
     # holds clients of the session's server.
     missing = f"rwkv-no-such-server-{tmp_path.name}"
     monkeypatch.setenv("JACK_DEFAULT_SERVER", missing)
-    assert not jack_server_running()
+    assert not jack_server_runs(missing)
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "-m", "tools", "demo", "--out", str(out), "--bars", "1", "--length", "1",
@@ -142,9 +142,7 @@ def test_demo_starts_a_private_jack_server_when_none_runs(tmp_path, monkeypatch)
     check_demo_output(out, phrase_bars=1, length=1, printed=printed)
     server = re.search(r"private JACK server '([^']+)' \(started for the demo\)", printed)
     assert server, printed
-    # Stopped afterwards.
-    monkeypatch.setenv("JACK_DEFAULT_SERVER", server.group(1))
-    assert not jack_server_running()
+    assert not jack_server_runs(server.group(1))  # stopped afterwards
 
 
 def test_read_phrase_cuts_the_bars_of_the_bundled_piano_phrase():

@@ -27,7 +27,7 @@ from daemon.jack_server import (
     PrivateJackServer,
     private_jack_wanted,
 )
-from daemon.midi_ports import jack_server_running
+from tests.fixtures.jack import jack_server_runs
 from tools.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,12 +42,6 @@ def jack_ports(server: str) -> list[str]:
     """Port names on a JACK server, from jack_lsp (an independent client)."""
     result = subprocess.run(["jack_lsp", "-s", server], capture_output=True, text=True, timeout=10)
     return [line for line in result.stdout.splitlines() if line and not line.startswith(" ")]
-
-
-def server_runs(name: str, monkeypatch: pytest.MonkeyPatch) -> bool:
-    with monkeypatch.context() as patch:
-        patch.setenv("JACK_DEFAULT_SERVER", name)
-        return jack_server_running()
 
 
 def wait_for_log(log: Path, pattern: str, process: subprocess.Popen, deadline: float) -> re.Match:
@@ -88,7 +82,7 @@ def test_make_run_starts_a_private_jack_server_and_stops_on_ctrl_c(tmp_path, mon
         text = log.read_text()
         for port in DAEMON_PORTS:
             assert f"jack_connect -s {server} " in text and port in text
-        assert server_runs(server, monkeypatch)
+        assert jack_server_runs(server)
         ports = jack_ports(server)
         assert all(port in ports for port in DAEMON_PORTS), ports
 
@@ -104,7 +98,7 @@ def test_make_run_starts_a_private_jack_server_and_stops_on_ctrl_c(tmp_path, mon
     assert re.search(r"daemon\.app: stopped", text), text
     assert f"private JACK server {server!r} stopped" in text, text
     assert "Traceback" not in text and "Error" not in text, text
-    assert not server_runs(server, monkeypatch)
+    assert not jack_server_runs(server)
 
 
 # -- the private JACK server ------------------------------------------------------------------------
@@ -117,6 +111,7 @@ import os, subprocess, sys
 from pathlib import Path
 import pytest, rtmidi
 from daemon.jack_server import JackServerError, PrivateJackServer, private_jack_wanted, usable_midi_api
+from daemon.jack_watch import JackServerWatch
 from daemon.midi_ports import jack_server_running
 
 def jack_ports(server):
@@ -131,12 +126,16 @@ with PrivateJackServer(log_path=log_dir / "jackd.log") as server:
     assert usable_midi_api("jack") == "jack"
     assert not private_jack_wanted("auto", "jack")
     # A real client of this process sees the server, as does an independent tool.
-    port = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name="probe-client")
-    port.open_virtual_port("probe")
-    try:
-        assert "probe-client:probe" in jack_ports(server.name)
-    finally:
-        port.delete()
+    with JackServerWatch("probe-watch") as watch:  # each change settles (daemon.jack_watch)
+        with watch.change():
+            port = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name="probe-client")
+        with watch.change():
+            port.open_virtual_port("probe")
+        try:
+            assert "probe-client:probe" in jack_ports(server.name)
+        finally:
+            with watch.change():
+                port.delete()
     # A second server of the same name is refused, not mistaken for this one.
     with pytest.raises(JackServerError, match="runs already"):
         PrivateJackServer(server.name, log_path=log_dir / "second.log").start()

@@ -406,8 +406,10 @@ def test_ports_command_lists_the_jack_ports(jack_server, capsys):
 
     from tools.cli import main as cli_main
 
-    out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name="ports-probe")
-    out.open_virtual_port("ports-probe-out")
+    with jack_server.graph_change():
+        out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name="ports-probe")
+    with jack_server.graph_change():
+        out.open_virtual_port("ports-probe-out")
     try:
         assert cli_main(["ports", "--json"]) == 0
         apis = {a["api"]: a for a in json.loads(capsys.readouterr().out)}
@@ -416,5 +418,6 @@ def test_ports_command_lists_the_jack_ports(jack_server, capsys):
         assert cli_main(["ports"]) == 0
         assert "ports-probe-out" in capsys.readouterr().out
     finally:
-        out.close_port()
+        with jack_server.graph_change():
+            out.close_port()
         del out

@@ -29,15 +29,22 @@ PLAYING = ["clock.tempo=240.0", "daemon.mode=autopilot", "daemon.length_bars=1"]
 PLAYER_PROGRAM = r"""
 import sys, time
 import rtmidi
-out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=sys.argv[1])
-out.open_port(out.get_ports().index(sys.argv[2]))
+from daemon.jack_watch import JackServerWatch
+watch = JackServerWatch(sys.argv[1] + " watch")  # each change settles (daemon.jack_watch)
+watch.open()
+with watch.change():
+    out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=sys.argv[1])
+with watch.change():
+    out.open_port(out.get_ports().index(sys.argv[2]))
 time.sleep(0.2)  # a message sent in the cycle the connection is made may not reach it
 for pitch in (60, 64, 67):
     out.send_message([0x90, pitch, 90])
     time.sleep(0.05)
     out.send_message([0x80, pitch, 0])
 time.sleep(0.3)
-out.delete()
+with watch.change():
+    out.delete()
+watch.close()
 """
 
 

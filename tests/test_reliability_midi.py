@@ -165,9 +165,14 @@ class StatusProbe:
 FLOOD_PROGRAM = r"""
 import random, sys, time
 import rtmidi
+from daemon.jack_watch import JackServerWatch
 client, rate, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=client)
-out.open_virtual_port("out")
+watch = JackServerWatch(client + " watch")  # each change settles (daemon.jack_watch)
+watch.open()
+with watch.change():
+    out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=client)
+with watch.change():
+    out.open_virtual_port("out")
 print("ready", flush=True)
 sys.stdin.readline()
 rng = random.Random(1)

@@ -243,6 +243,7 @@ def _perform_on_jack(
     import rtmidi
 
     from daemon.config import load_daemon_settings
+    from daemon.jack_watch import JackServerWatch
     from daemon.runner import BackgroundDaemon
     from daemon.scheduler import OutputScheduler
     from tools.cli import UserError
@@ -263,13 +264,18 @@ def _perform_on_jack(
         clock = daemon.clock
         assert clock is not None
         recorder = stack.enter_context(_ArrivalRecorder(f"{out_port}:{out_port}", f"demo-recorder-{tag}"))
-        player = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=f"demo-player-{tag}")
+        # Each change of the graph settles before the next (daemon.jack_watch: libjack crashes
+        # a client that registers or unregisters a port while it handles a notification).
+        watch = stack.enter_context(JackServerWatch(f"demo-watch-{tag}"))
+        with watch.change():
+            player = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=f"demo-player-{tag}")
         stack.callback(player.delete)
         target = f"{in_port}:{in_port}"
         ports = player.get_ports()
         if target not in ports:
             raise UserError(f"the daemon's input port {target!r} is not on JACK server {server!r}: {ports}")
-        player.open_port(ports.index(target), "out")
+        with watch.change():
+            player.open_port(ports.index(target), "out")
         scheduler = stack.enter_context(OutputScheduler(player.send_message, name="demo-player"))
 
         start = clock.bar_start_beat(clock.bar_index(clock.beat_at(time.perf_counter() + START_MARGIN_S)) + 1)

@@ -424,18 +424,27 @@ class SoakPeer:
 def soak_peer_main() -> None:
     """The peer process (argv: client name, daemon input port, daemon output port): plays what
     "play <json>" lines schedule, records what the daemon sends, answers "dump" with a JSON
-    line of arrivals, ends on "stop" or when stdin closes. Imports rtmidi and
-    daemon.midi_events only, and polls rtmidi's queue (no Python callback on JACK's thread)."""
+    line of arrivals, ends on "stop" or when stdin closes. Imports rtmidi,
+    daemon.midi_events and daemon.jack_watch only, and polls rtmidi's queue (no Python callback on JACK's thread)."""
     import rtmidi
 
+    from daemon.jack_watch import JackServerWatch
     from daemon.midi_events import ArrivalStamper
 
     client, daemon_input, daemon_output = sys.argv[1:4]
-    midi_in = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name=client, queue_size_limit=65536)
+    # Each change of the graph settles before the next (daemon.jack_watch: libjack crashes a
+    # client that registers or unregisters a port while it handles a notification).
+    watch = JackServerWatch(f"{client} watch")
+    watch.open()
+    with watch.change():
+        midi_in = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name=client, queue_size_limit=65536)
     midi_in.ignore_types(sysex=False, timing=False, active_sense=False)
-    midi_in.open_port(midi_in.get_ports().index(daemon_output), "in")
-    midi_out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=client)
-    midi_out.open_port(midi_out.get_ports().index(daemon_input), "out")
+    with watch.change():
+        midi_in.open_port(midi_in.get_ports().index(daemon_output), "in")
+    with watch.change():
+        midi_out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=client)
+    with watch.change():
+        midi_out.open_port(midi_out.get_ports().index(daemon_input), "out")
     print("ready", flush=True)
     stamper = ArrivalStamper()
     arrivals: list[tuple[float, list[int]]] = []
