@@ -18,7 +18,8 @@ the process (jack2 issue 216; here in MidiInJack::closePort while the same clien
 latency notification, 1 run in 8 of 60 open/close cycles with both cores loaded). The child
 writes one byte to its stdout for every graph-order notification, so the daemon can wait,
 before it registers or unregisters a port, until the notifications about its own previous
-change have all been answered.
+change have all been answered. A server that sends none gets a fixed wait per change instead
+(`FALLBACK_SETTLE_S`).
 
 Why a process and not a client in the daemon: python-rtmidi's wheel carries a libjack of its
 own, so a watch client in the daemon's process put a second libjack beside it. Closing that
@@ -55,7 +56,8 @@ EXIT_SERVER_GONE = 3  # libjack's shutdown callback: the server went away or dro
 EXIT_NO_SERVER = 4  # no server to watch
 EXIT_NO_LIBJACK = 5  # libjack cannot be loaded
 
-_READY_WORD = b"watching"  # the child's first line: b"watching <period frames> <sample rate>\n"
+# The child's first line: b"watching <period frames> <sample rate> <1 if it saw a round, else 0>\n".
+_READY_WORD = b"watching"
 _ROUND_MARK = b"g"  # one byte on the child's stdout per graph-order notification
 _NO_START_SERVER = 0x01  # JackNoStartServer: never start a server as a side effect
 _START_TIMEOUT_S = 10.0  # for the child to open its client (a loaded machine is slow)
@@ -63,6 +65,11 @@ _STOP_TIMEOUT_S = 2.0  # for the child to exit when asked, before it is killed
 # How long `settle` waits for the notifications about a change. The server sends them at the
 # start of its next cycle; a loaded machine delays them by milliseconds, rarely by more.
 SETTLE_TIMEOUT_S = 1.0
+# A server that sends no graph-order notification (none came at the watch's own arrival, or
+# none after two changes in a row) is not waited for: each change then waits this long.
+FALLBACK_SETTLE_S = 0.02
+_MISSES_BEFORE_FALLBACK = 2
+_ACTIVATION_ROUND_TIMEOUT_S = 2.0
 # Two changes made back to back may straddle a cycle and come as two rounds of notifications:
 # after the first round, wait until none has come for this many periods (and at least
 # _MIN_QUIET_S, at most _MAX_QUIET_S), so that the second is not missed.
@@ -87,6 +94,8 @@ class JackServerWatch:
         self._rounds = 0  # graph-order notifications the child reported
         self._last_round = 0.0  # time.monotonic() when the last one was read
         self._quiet_s = _MIN_QUIET_S
+        self._reports_rounds = True
+        self._misses_in_a_row = 0
         self.settle_timeouts = 0  # `settle` calls that saw no notification in time
 
     def __enter__(self) -> JackServerWatch:
@@ -144,13 +153,17 @@ class JackServerWatch:
             line += chunk
         first, _, rest = line.partition(b"\n")
         words = first.split()
-        if len(words) != 3 or words[0] != _READY_WORD:
+        if len(words) != 4 or words[0] != _READY_WORD:
             log.warning("MIDI: the JACK watch said %r; a server that goes away will not be noticed", first)
             self.close()
             return False
         period_s = int(words[1]) / max(int(words[2]), 1)
         self._quiet_s = min(max(_MIN_QUIET_S, _QUIET_PERIODS * period_s), _MAX_QUIET_S)
         self._rounds, self._last_round = rest.count(_ROUND_MARK), time.monotonic()
+        self._reports_rounds, self._misses_in_a_row = words[3] == b"1", 0
+        if not self._reports_rounds:
+            log.info("MIDI: the JACK server sends no graph-order notifications; each change of "
+                     "the graph waits %.0f ms instead", FALLBACK_SETTLE_S * 1e3)
         return True
 
     @contextlib.contextmanager
@@ -171,8 +184,12 @@ class JackServerWatch:
         """Wait until a round of notifications came after `mark` and no other followed for a few
         periods; False (and counted in `settle_timeouts`) when none came within `timeout_s`.
 
-        Returns at once when the watch is not running."""
+        Returns at once when the watch is not running, and after FALLBACK_SETTLE_S when the
+        server does not send the notifications."""
         if self._process is None:
+            return False
+        if not self._reports_rounds:
+            time.sleep(FALLBACK_SETTLE_S)
             return False
         deadline = time.monotonic() + timeout_s
         while self._rounds <= mark:
@@ -180,7 +197,14 @@ class JackServerWatch:
             if remaining <= 0 or not self._read_rounds(remaining):
                 if self._rounds <= mark:
                     self.settle_timeouts += 1
+                    self._misses_in_a_row += 1
+                    if self._misses_in_a_row >= _MISSES_BEFORE_FALLBACK and not self.gone:
+                        self._reports_rounds = False
+                        log.warning("MIDI: no JACK graph-order notification after %d changes in a "
+                                    "row; each change now waits %.0f ms instead",
+                                    self._misses_in_a_row, FALLBACK_SETTLE_S * 1e3)
                     return False
+        self._misses_in_a_row = 0
         while True:
             quiet_until = self._last_round + self._quiet_s
             remaining = min(quiet_until, deadline) - time.monotonic()
@@ -271,9 +295,10 @@ def _watch(name: str) -> int:
     # Notifications reach active clients only. The client has no process callback, so the
     # server never waits for it in a cycle.
     if lib.jack_activate(client) == 0:
-        activated.wait(_START_TIMEOUT_S / 2)  # our own arrival's round: the graph is settled
+        activated.wait(_ACTIVATION_ROUND_TIMEOUT_S)  # our own arrival's round: the graph is settled
     period, rate = lib.jack_get_buffer_size(client), lib.jack_get_sample_rate(client)
-    os.write(sys.stdout.fileno(), b"%s %d %d\n" % (_READY_WORD, period, rate))  # the pipe is empty
+    ready = b"%s %d %d %d\n" % (_READY_WORD, period, rate, activated.is_set())
+    os.write(sys.stdout.fileno(), ready)  # the pipe is empty
     reporting.set()
     sys.stdin.buffer.read()  # returns at end of file: the daemon closed our stdin, or died
     # No jack_client_close: closing the client hung now and then inside libjack (when it was

@@ -97,7 +97,7 @@ from daemon.errors import (
     MidiPortError,
     PortNotFoundError,
 )
-from daemon.jack_watch import JackServerWatch
+from daemon.jack_watch import FALLBACK_SETTLE_S, JackServerWatch
 from daemon.midi_events import (
     ALL_NOTES_OFF,
     ALL_SOUND_OFF,
@@ -140,9 +140,6 @@ _WARN_INTERVAL_S = 1.0
 _YIELD_EVERY = 8
 # After the JACK server went away: how often to look for it again.
 _RECONNECT_INTERVAL_S = 0.5
-# Without a watch (it did not start) a change of the JACK graph waits this long instead of for
-# the server's notifications about it (see `_graph_change`).
-_UNWATCHED_SETTLE_S = 0.02
 # A lone SysEx end byte goes to our own input after this long without input (see above).
 _SYSEX_END_AFTER_S = 1.0
 # JACK has no hidden ports, so the guard's port is named to say it is internal: its full name is
@@ -478,7 +475,7 @@ class MidiPorts:
             try:
                 yield
             finally:
-                time.sleep(_UNWATCHED_SETTLE_S)
+                time.sleep(FALLBACK_SETTLE_S)  # no watch: a fixed wait instead
             return
         with self._watch.change():
             yield

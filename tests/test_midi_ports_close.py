@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.jack_watch import JackServerWatch
+from daemon.jack_watch import FALLBACK_SETTLE_S, JackServerWatch
 from tests.fixtures.jack import JackServer, unique_client_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +100,14 @@ def test_jack_watch_settles_after_a_change_of_the_graph_and_only_then(jack_serve
         assert not watch.settle(mark, timeout_s=0.3)  # nothing changed: no notification
         assert time.monotonic() - started >= 0.3
         assert watch.settle_timeouts == 1
+
+        # A second miss in a row: as on a server that sends no such notifications, later
+        # changes wait a fixed FALLBACK_SETTLE_S instead of the timeout.
+        assert not watch.settle(watch.graph_mark(), timeout_s=0.3)
+        started = time.monotonic()
+        assert not watch.settle(watch.graph_mark(), timeout_s=5.0)
+        assert FALLBACK_SETTLE_S <= time.monotonic() - started < 1.0
+        assert watch.settle_timeouts == 2
     finally:
         if client is not None:
             client.delete()
