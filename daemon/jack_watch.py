@@ -176,8 +176,12 @@ class JackServerWatch:
             self.settle(mark)
 
     def graph_mark(self) -> int:
-        """The number of rounds of graph notifications seen so far: take it before a change."""
-        self._read_rounds(0.0)
+        """The number of rounds of graph notifications seen so far: take it before a change.
+
+        Reads all the marks waiting in the pipe (up to 64 KB after a long time of others'
+        changes), so that none of them passes for a round after the change."""
+        while self._read_rounds(0.0):
+            pass
         return self._rounds
 
     def settle(self, mark: int, timeout_s: float = SETTLE_TIMEOUT_S) -> bool:
