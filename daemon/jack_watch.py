@@ -180,8 +180,7 @@ class JackServerWatch:
 
         Reads all the marks waiting in the pipe (up to 64 KB after a long time of others'
         changes), so that none of them passes for a round after the change."""
-        while self._read_rounds(0.0):
-            pass
+        self._read_rounds(0.0)
         return self._rounds
 
     def settle(self, mark: int, timeout_s: float = SETTLE_TIMEOUT_S) -> bool:
@@ -216,21 +215,26 @@ class JackServerWatch:
                 return True
 
     def _read_rounds(self, timeout_s: float) -> bool:
-        """Read the round marks the child wrote, waiting up to `timeout_s` for the first; True
-        when at least one was read."""
+        """Read every round mark waiting in the pipe, waiting up to `timeout_s` for the first;
+        True when at least one was read."""
         process = self._process
         if process is None or process.stdout is None:
             return False
         fd = process.stdout.fileno()
-        if not select.select([fd], [], [], max(timeout_s, 0.0))[0]:
+        read = 0
+        wait_s = max(timeout_s, 0.0)
+        while select.select([fd], [], [], wait_s)[0]:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                break
+            if not data:  # the child exited: nothing more will come
+                break
+            read += data.count(_ROUND_MARK)
+            wait_s = 0.0  # the rest: only what is there already
+        if not read:
             return False
-        try:
-            data = os.read(fd, 4096)
-        except OSError:
-            return False
-        if not data:  # the child exited: nothing more will come
-            return False
-        self._rounds += data.count(_ROUND_MARK)
+        self._rounds += read
         self._last_round = time.monotonic()
         return True
 

@@ -404,9 +404,10 @@ def record_arrivals_main() -> None:
     Prints "ready" once connected to the JACK port, records every message with its arrival
     time until a line arrives on stdin, then prints [[time, [bytes...]], ...] as JSON. A process
     of its own, so the lock waits of the measured process do not count; it imports only rtmidi,
-    daemon.midi_events and daemon.jack_watch. It polls rtmidi's queue rather than taking a Python callback, so it
-    can close its client at once even while the sender keeps sending (see daemon.midi_ports);
-    the times come from rtmidi's delta times (ArrivalStamper), not from when a poll saw them.
+    daemon.midi_events and daemon.jack_watch. It polls rtmidi's queue rather than taking a
+    Python callback, so it can close its client at once even while the sender keeps sending
+    (see daemon.midi_ports); the times come from rtmidi's delta times (ArrivalStamper), not
+    from when a poll saw them.
     """
     import json
     import select
