@@ -24,7 +24,7 @@ The library is compiled with the system C compiler (`cc`, or $RWKV_MUSIC_CC) and
 Flags: -O3 -march=native (the vector units of this CPU: AVX-512, AVX2+FMA, else portable
 code) and -pthread. Threads: the caller plus helpers, at most torch.get_num_threads(); by
 default each call runs on one thread or on all of them, whichever has been faster lately
-(`ThreadChoice`: on a machine whose other cores are busy, helpers that get descheduled make
+(`ThreadTimes`: on a machine whose other cores are busy, helpers that get descheduled make
 two threads slower than one). The result is bitwise the same either way. Never
 -ffast-math: the step must agree with the PyTorch step to 1e-5. RWKV_MUSIC_NO_CPU_STEP=1 makes
 `cpu_step_kernel` answer None (the PyTorch step).
@@ -42,9 +42,7 @@ import shlex
 import subprocess
 import tempfile
 import threading
-import time
 import weakref
-from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -253,10 +251,18 @@ def _describe(path: Path, cdll: ctypes.CDLL, flags: tuple[str, ...]) -> CpuStepL
     cdll.rwkv7_scratch_floats.restype = ctypes.c_int64
     cdll.rwkv7_scratch_floats.argtypes = [ctypes.c_void_p, ctypes.c_int32]
     cdll.rwkv7_read_pass.restype = ctypes.c_int
-    cdll.rwkv7_read_pass.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32]
+    cdll.rwkv7_read_pass.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
+                                     ctypes.c_void_p]
     cdll.rwkv7_step.restype = ctypes.c_int
     cdll.rwkv7_step.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int32] * 2 + [ctypes.c_void_p] * 5
-                                + [ctypes.c_int32])
+                                + [ctypes.c_int32, ctypes.c_void_p])
+    cdll.rwkv7_thread_times_bytes.restype = ctypes.c_int64
+    cdll.rwkv7_choose_threads.restype = ctypes.c_int32
+    cdll.rwkv7_choose_threads.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+    cdll.rwkv7_record_threads.restype = None
+    cdll.rwkv7_record_threads.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_double]
+    cdll.rwkv7_thread_policy.restype = None
+    cdll.rwkv7_thread_policy.argtypes = [ctypes.c_void_p]
     packable, transposed = set(), set()
 
     def parse(section: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -293,47 +299,30 @@ def pack_for_kernel(library: CpuStepLibrary, name: str, matrix: Tensor, weights:
 # ------------------------------------------------------------------------------- threads
 
 
-class ThreadChoice:
-    """Chooses one thread or `most` threads per call from the step times seen lately.
+class ThreadTimes:
+    """The wall times of one kind of call (a kernel and batch size, or the read pass) with one
+    thread and with all of them, from which each call chooses 1 or `most` threads.
 
-    Each option keeps its last WINDOW wall times; the option with the lower median runs, and
-    every EXPLORE_EVERY-th call runs the other one so that its times stay current (the load
-    from other work comes and goes). A step's work is fixed, so its time only says how busy the
-    machine is. When the other option was more than FAR times slower, it is tried only every
-    EXPLORE_FAR_EVERY-th call: on an idle 2-core machine one thread takes 1.7x as long, and
-    trying it every 16th token cost 4-5 % of all the time, every 64th about 1 %. Load that slows
-    the running option shows in its own times at once, so that option is left as soon as it
-    stops being the best. The medians are kept up to date by `record`, so `choose` only compares
-    two numbers: with the 64th call and two sorts in `choose`, a step at L12-D512 bf16 cost
-    2.29 ms a token against 2.24 with the thread count fixed; now the two are the same.
-    """
+    The choice and the times live in C (`rwkv7_choose_threads` in rwkv7_step.c says how it
+    chooses): the step reads and updates them itself, so choosing costs a token no Python.
+    `choose` and `record` call the same C functions, for tests and callers that time work of
+    their own."""
 
-    WINDOW = 5
-    WARMUP = 3  # samples of each option before choosing
-    EXPLORE_EVERY = 16
-    EXPLORE_FAR_EVERY = 256
-    FAR = 1.5
-
-    def __init__(self) -> None:
-        self._times: dict[int, deque[float]] = {}
-        self._medians: dict[int, float] = {}  # of each option's times, kept by record()
-        self._calls = 0
+    def __init__(self, library: CpuStepLibrary) -> None:
+        self._cdll = library.cdll
+        policy = (ctypes.c_int32 * 4)()
+        library.cdll.rwkv7_thread_policy(policy)
+        # times kept per option, times of each option before choosing, and how often the
+        # other option is tried: every `explore_every`-th call, `explore_far_every`-th when far slower
+        self.window, self.warmup, self.explore_every, self.explore_far_every = list(policy)
+        self.buffer = ctypes.create_string_buffer(library.cdll.rwkv7_thread_times_bytes())  # zeroed
+        self.address = ctypes.addressof(self.buffer)
 
     def choose(self, most: int) -> int:
-        if most <= 1:
-            return 1
-        self._calls += 1
-        for n in (1, most):
-            if len(self._times.get(n, ())) < self.WARMUP:
-                return n
-        one, many = self._medians[1], self._medians[most]
-        best, other, far = (1, most, many > self.FAR * one) if one < many else (most, 1, one > self.FAR * many)
-        return other if self._calls % (self.EXPLORE_FAR_EVERY if far else self.EXPLORE_EVERY) == 0 else best
+        return int(self._cdll.rwkv7_choose_threads(self.address, most))
 
     def record(self, threads: int, seconds: float) -> None:
-        times = self._times.setdefault(threads, deque(maxlen=self.WINDOW))
-        times.append(seconds)
-        self._medians[threads] = sorted(times)[len(times) // 2]
+        self._cdll.rwkv7_record_threads(self.address, threads, seconds)
 
 
 # ------------------------------------------------------------------------------- the kernel
@@ -370,7 +359,7 @@ class CpuStepKernel:
                               ] if weights != "fp32" else []
         self._binding = self._bind(model)
         self._scratch: dict[int, Tensor] = {}  # per batch size
-        self._thread_choice: dict[tuple[int, int], ThreadChoice] = {}  # per (batch, most threads)
+        self._thread_times: dict[int, ThreadTimes] = {}  # per batch size, -1 for the read pass
         self._lock = threading.Lock()  # the scratch memory is shared by calls
         self._fixed = threading.local()  # depth of weights_fixed blocks, per thread
 
@@ -541,7 +530,7 @@ class CpuStepKernel:
         The recurrent state, shift [L, 2, B, C] and wkv [L, B, H, N, N] (float32, contiguous,
         CPU: a State's two tensors), is updated in place, as `RWKV7.step` does. `threads` (the
         calling one included) fixes the thread count; by default it is 1 or
-        torch.get_num_threads(), whichever has been faster lately (`ThreadChoice`). Raises
+        torch.get_num_threads(), whichever has been faster lately (`ThreadTimes`). Raises
         CpuStepInputError for ids out of range or state tensors of the wrong shape,
         CpuStepUnavailableError when the model stopped being float32 on the CPU.
         """
@@ -563,18 +552,15 @@ class CpuStepKernel:
             return logits
         lib = self.library.cdll
         with self._lock:
-            threads, choice = self._threads(threads, batch)
-            start = time.perf_counter()
+            threads, times = self._threads(threads, batch)
             scratch = self._scratch.get(batch)
             if scratch is None:
                 scratch = self._scratch[batch] = torch.empty(lib.rwkv7_scratch_floats(binding.dims_c, batch))
             status = lib.rwkv7_step(
                 binding.dims_c, binding.eps_c, binding.ptrs_c, binding.scales_c, WEIGHT_FORMATS[self.weights],
                 batch, idx.data_ptr(),
-                shift.data_ptr(), wkv.data_ptr(), logits.data_ptr(), scratch.data_ptr(), threads,
+                shift.data_ptr(), wkv.data_ptr(), logits.data_ptr(), scratch.data_ptr(), threads, times,
             )
-            if choice is not None and status == 0:
-                choice.record(threads, time.perf_counter() - start)
         if status == -2:
             raise CpuStepUnavailableError(f"the library does not know weight format {self.weights!r}")
         if status < 0:
@@ -585,33 +571,32 @@ class CpuStepKernel:
         return logits
 
 
-    def _threads(self, threads: int | None, key: int) -> tuple[int, ThreadChoice | None]:
-        """(threads to run, the ThreadChoice that picked them or None): 1 for a library built
-        without threads, the caller's number, or the choice measured for `key` (a batch size,
-        -1 for the read pass) at torch's current thread count."""
+    def _threads(self, threads: int | None, key: int) -> tuple[int, int | None]:
+        """(thread count, address of the ThreadTimes that chooses or None) for a call: 1 for a
+        library built without threads; the caller's number; else torch.get_num_threads() and
+        the times kept for `key` (a batch size, -1 for the read pass), from which the library
+        picks 1 or that many threads."""
         if not self.library.threads:
             return 1, None
         if threads is not None:
             return max(1, threads), None
-        most = max(1, torch.get_num_threads())
-        choice = self._thread_choice.setdefault((key, most), ThreadChoice())
-        return max(1, choice.choose(most)), choice
+        times = self._thread_times.get(key)
+        if times is None:
+            times = self._thread_times[key] = ThreadTimes(self.library)
+        return max(1, torch.get_num_threads()), times.address
 
     def read_pass(self, buffer: Tensor, threads: int | None = None) -> None:
         """Read `buffer` (float32, contiguous, CPU) once, cut into the step's chunks and run by
         its threads and scheduler: the memory-bandwidth floor of a step reading as many bytes
         (`bench step` passes a buffer of `bytes_per_token` bytes). Threads as in `step`, with
-        a ThreadChoice of its own."""
+        ThreadTimes of its own."""
         if buffer.dtype != torch.float32 or buffer.device.type != "cpu" or not buffer.is_contiguous():
             raise CpuStepInputError("buffer", "must be float32, contiguous, on the CPU")
         n = buffer.numel()
         sums = torch.empty(-(-n // READ_CHUNK_FLOATS))
         with self._lock:
-            threads, choice = self._threads(threads, -1)
-            start = time.perf_counter()
-            status = self.library.cdll.rwkv7_read_pass(buffer.data_ptr(), n, sums.data_ptr(), threads)
-            if choice is not None:
-                choice.record(threads, time.perf_counter() - start)
+            threads, times = self._threads(threads, -1)
+            status = self.library.cdll.rwkv7_read_pass(buffer.data_ptr(), n, sums.data_ptr(), threads, times)
         if status:
             raise CpuStepInputError("buffer", f"{n} floats is more than the scheduler's chunk counter holds")
 

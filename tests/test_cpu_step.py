@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kernels import cpu_step
-from kernels.cpu_step import CpuStepInputError, CpuStepKernel, ThreadChoice, cpu_step_kernel
+from kernels.cpu_step import CpuStepInputError, CpuStepKernel, ThreadTimes, cpu_step_kernel
 from model import RWKV7, ModelConfig
 from tests.model_factory import random_model
 
@@ -360,21 +360,36 @@ def test_cpu_step_same_bits_on_any_thread_count(weights):
             assert torch.equal(states[n].wkv, states[1].wkv) and torch.equal(states[n].shift, states[1].shift)
 
 
-@pytest.mark.parametrize("one_thread_s, explore_every", [
-    (0.0024, ThreadChoice.EXPLORE_EVERY),  # close (1.2x): checked every 16th call
-    (0.005, ThreadChoice.EXPLORE_FAR_EVERY),  # far (2.5x): every 256th
+@needs_cc
+@pytest.mark.parametrize("one_thread_s, far", [
+    (0.0024, False),  # close (1.2x): the other option is tried every 16th call
+    (0.005, True),  # far (2.5x): every 256th
 ])
-def test_thread_choice_runs_the_faster_option_and_keeps_checking_the_other(one_thread_s, explore_every):
-    choice = ThreadChoice()
+def test_thread_choice_runs_the_faster_option_and_keeps_checking_the_other(one_thread_s, far):
+    choice = ThreadTimes(cpu_step.load_library())
+    explore_every = choice.explore_far_every if far else choice.explore_every
     seen = []
-    for _ in range(2 * ThreadChoice.WARMUP):  # both options are tried first
+    for _ in range(2 * choice.warmup):  # both options are tried first
         n = choice.choose(4)
         seen.append(n)
         choice.record(n, 0.002 if n == 4 else one_thread_s)
     assert sorted(set(seen)) == [1, 4]
     picks = [choice.choose(4) for _ in range(4 * explore_every)]
     assert picks.count(1) == 4 and picks.count(4) == len(picks) - 4
-    for _ in range(ThreadChoice.WINDOW):  # the machine got busy: one thread is faster now
+    for _ in range(choice.window):  # the machine got busy: one thread is faster now
         choice.record(4, 0.009)
     assert choice.choose(4) == 1
-    assert ThreadChoice().choose(1) == 1
+    assert ThreadTimes(cpu_step.load_library()).choose(1) == 1
+    choice.record(4, 0.001)  # one fast time out of five does not move the median
+    assert choice.choose(4) == 1
+
+
+@needs_cc
+def test_thread_choice_starts_over_when_the_thread_count_changes():
+    choice = ThreadTimes(cpu_step.load_library())
+    for _ in range(2 * choice.warmup):
+        n = choice.choose(4)
+        choice.record(n, 0.001 if n == 4 else 0.002)
+    assert choice.choose(4) == 4
+    # torch.set_num_threads(2): the times of 4 threads say nothing about 2, so both are tried
+    assert [choice.choose(2) for _ in range(choice.warmup)] == [1] * choice.warmup

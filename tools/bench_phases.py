@@ -1,12 +1,12 @@
 """`rwkv-music bench phases`: where one token's time goes in the compiled CPU step, phase by phase.
 
 A token is a fixed list of phases (kernels/cpu/rwkv7_step.c): per layer ln1 (with the six
-token-shift mixes), proj (r, k, v and the LoRA down-projections), lora_up (the LoRA
-up-projections and their activations), heads (value residual, kk, the WKV-7 update,
-GroupNorm, bonus, gate), out (the output projection), ln2 (with its mix), ffn_key, ffn_value;
-then ln_out and the head. This builds the kernel once more with -DRWKV7_PROFILE (its own
-cached library: two clock reads a chunk), steps a random model of each size with K streams at
-a time, and prints per kind of phase, summed over the layers:
+token-shift mixes), proj (r, k, v and the four LoRAs, each whole on one thread with its
+activations), heads (value residual, kk, the WKV-7 update, GroupNorm, bonus, gate), out (the
+output projection), ln2 (with its mix), ffn_key, ffn_value; then ln_out and the head. This
+builds the kernel once more with -DRWKV7_PROFILE (its own cached library: two clock reads a
+chunk), steps a random model of each size with K streams at a time, and prints per kind of
+phase, summed over the layers:
 
   ms/token  wall time of those phases in one token (each from the end of the phase before,
             so handing a phase over between threads is counted in it)
@@ -32,8 +32,8 @@ DEFAULT_CONFIGS = "L12-D512"
 WARMUP_TOKENS = 20
 # The matrices each kind of phase reads (names of the kernel's layout table).
 PHASE_MATRICES = {
-    "proj": ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.w1", "att.a1", "att.v1", "att.g1"),
-    "lora_up": ("att.w2", "att.a2", "att.v2", "att.g2"),
+    "proj": ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.w1", "att.a1", "att.v1", "att.g1",
+             "att.w2", "att.a2", "att.v2", "att.g2"),
     "out": ("att.output.weight",),
     "ffn_key": ("ffn.key.weight",),
     "ffn_value": ("ffn.value.weight",),

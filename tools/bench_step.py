@@ -319,12 +319,12 @@ def measure_cpu_config(name: str, n_layer: int, n_embd: int,
     def kernel_step(kernel: CpuStepKernel, batch: int) -> Callable[[int], torch.Tensor]:
         state = model.init_state(batch)  # each implementation carries its own state
         rows = [tokens[i, :batch].clone() for i in range(n_total)]
-        return lambda i: kernel.step(rows[i], state.shift, state.wkv)[0]
+        return lambda i: kernel.step(rows[i], state.shift, state.wkv)  # [batch, V], as the engine takes it
 
     torch_state, package_state = model.init_state(1), [None]
 
     def step_torch(i: int) -> torch.Tensor:
-        return model.step(idx[i], torch_state)[0][0]
+        return model.step(idx[i], torch_state)[0]  # logits [1, V]
 
     def step_package(i: int) -> torch.Tensor:
         logits, package_state[0] = package.forward([ids[i]], package_state[0])
@@ -354,7 +354,8 @@ def measure_cpu_config(name: str, n_layer: int, n_embd: int,
         outs: dict[str, list[torch.Tensor]] = {key: [] for key in checked}
         for i in range(AGREEMENT_TOKENS):
             for key in checked:
-                outs[key].append(impls[key](i).clone())
+                # one token's logits [V]: the steps give [1, V], the package and llama.cpp [V]
+                outs[key].append(impls[key](i).reshape(-1).clone())
         reference = torch.stack(outs["package"])
         res.agreement = {key: rel_err(torch.stack(v), reference) for key, v in outs.items() if key != "package"}
         exact = [key for key in ("kernel_fp32", "torch_step", "llama_fp32") if key in res.agreement]

@@ -14,9 +14,9 @@
  * update, GroupNorm, bonus and gate in one pass.
  *
  * Threads. A token is a fixed sequence of phases (ln0; per layer: ln1 and token shift; r, k, v
- * and the LoRA down-projections; the LoRA up-projections; the heads; the output projection;
- * ln2 and token shift; FFN key; FFN value; then ln_out; head), each cut into small chunks (a
- * block of about 64 KB of weight rows, a head, a block of channels). The calling thread and
+ * and the four LoRAs; the heads; the output projection; ln2 and token shift; FFN key; FFN
+ * value; then ln_out; head), each cut into small chunks (a block of about 64 KB of weight rows,
+ * a whole LoRA, a head, a block of channels). The calling thread and
  * the helper threads claim chunks from one shared counter; whoever finishes the last chunk of
  * a phase opens the next. Nobody waits for a thread that has not claimed anything, so on a
  * busy machine a descheduled helper costs at most the claim it holds (its share of what was
@@ -675,22 +675,19 @@ typedef struct {
     int row_chunk_c;   /* rows per chunk of a matvec reading C inputs */
     int row_chunk_f;   /* rows per chunk of a matvec reading F inputs */
     int channel_chunk; /* channels per chunk of the layer-norm phases */
+    int lora_order[4]; /* the LoRAs (0 w, 1 a, 2 v, 3 g) in the order proj hands them out */
 } Job;
 
 /* Phases: LN0, then PER_LAYER phases per block, then LN_OUT and HEAD. */
-enum { K_LN1, K_PROJ, K_LORA_UP, K_HEADS, K_OUT, K_LN2, K_FFN_KEY, K_FFN_VALUE, PER_LAYER_PHASES };
-#define LORA_COLUMNS 32 /* LoRA down-projection columns per chunk */
-#define LORA_UP_COLUMNS 256 /* LoRA up-projection columns per chunk */
+enum { K_LN1, K_PROJ, K_HEADS, K_OUT, K_LN2, K_FFN_KEY, K_FFN_VALUE, PER_LAYER_PHASES };
+/* The proj phase begins with the four LoRAs, one chunk each (a whole LoRA on one thread, see
+ * lora_chain), then the chunks of rows of r, k and v. */
+#define LORA_CHAINS 4
 #define ROW_CHUNK_FLOATS 16384 /* a chunk of the read pass: 64 KB */
 #define CHUNK_BYTES 65536      /* about this many weight bytes a matvec chunk */
 
 
 static int phase_count(const Job *j) { return j->read_buf ? 1 : 1 + PER_LAYER_PHASES * j->d[D_LAYER] + 2; }
-
-static int lora_chunks(const Job *j) {
-    return cdiv(j->d[D_DW], LORA_COLUMNS) + cdiv(j->d[D_DA], LORA_COLUMNS) +
-           cdiv(j->d[D_DV], LORA_COLUMNS) + cdiv(j->d[D_DG], LORA_COLUMNS);
-}
 
 static int phase_chunks(const Job *j, int p) {
     const int C = j->d[D_C], B = j->B;
@@ -701,8 +698,7 @@ static int phase_chunks(const Job *j, int p) {
     if (p == phase_count(j) - 1) return cdiv(j->d[D_V], j->row_chunk_c);
     switch ((p - 1) % PER_LAYER_PHASES) {
     case K_LN1: case K_LN2: return ln_chunks;
-    case K_PROJ: return lora_chunks(j) + 3 * cdiv(C, j->row_chunk_c);
-    case K_LORA_UP: return 4 * cdiv(C, LORA_UP_COLUMNS);
+    case K_PROJ: return LORA_CHAINS + 3 * cdiv(C, j->row_chunk_c);
     case K_HEADS: return B * j->d[D_H];
     case K_OUT: return cdiv(C, j->row_chunk_c);
     case K_FFN_KEY: return cdiv(j->d[D_F], j->row_chunk_c);
@@ -735,23 +731,37 @@ static void lora_columns(const Job *j, const void *M, const float *scale, int in
         vec_mat_cols(X + (size_t)b * ldx, M, cols, in, lo, hi, out + (size_t)b * ldo + lo);
 }
 
-/* The LoRA up-projections on columns [lo, hi) of matrix q (0 decay, 1 a, 2 g, 3 value gate),
- * with their activations. */
-static void lora_up_chunk(const Job *j, const float *const *P, const float *const *S, int layer, int q,
-                          int lo, int hi) {
+/* LoRA `q` (0 decay w, 1 in-context rate a, 2 value residual v, 3 gate g) whole, on the calling
+ * thread: the down-projection of its token-shift mix, the hidden activation (tanh for w, sigmoid
+ * for g), the up-projection and the output activation (the decay, sigmoid(a0 + .), sigmoid(v0 +
+ * .)). A LoRA is small (64-256 KB in bf16 at C = 512) and its up-projection needs all of its
+ * hidden vector, so one thread doing both halves saves a phase: they were a phase each (the
+ * down-projections in chunks of 32 columns inside proj, the up-projections a phase of their own
+ * after it), and the whole LoRA as one chunk took L12-D512 bf16 from 2.10 to 2.08 ms a token
+ * (the C call, A/B in one process; the LoRA work 0.63 -> 0.60 ms). */
+static void lora_chain(const Job *j, const float *const *P, const float *const *S, int layer, int q) {
     const int32_t *d = j->d;
     const int C = d[D_C], Dsum = d[D_DW] + d[D_DA] + d[D_DV] + d[D_DG];
-    const int off[4] = {0, d[D_DW], d[D_DW] + d[D_DA] + d[D_DV], d[D_DW] + d[D_DA]};
-    const int rows[4] = {d[D_DW], d[D_DA], d[D_DG], d[D_DV]};
-    const int slot[4] = {P_W2, P_A2, P_G2, P_V2};
-    float *outs[4] = {j->buf.decay, j->buf.a, j->buf.g, j->buf.vgate};
-    if (q == 3 && layer == 0) return; /* layer 0 has no value residual */
-    lora_columns(j, P[slot[q]], S[slot[q]], rows[q], C, j->buf.lora + off[q], Dsum, outs[q], C, lo, hi);
+    const int dims[4] = {d[D_DW], d[D_DA], d[D_DV], d[D_DG]};
+    const int off[4] = {0, d[D_DW], d[D_DW] + d[D_DA], d[D_DW] + d[D_DA] + d[D_DV]};
+    const int down[4] = {P_W1, P_A1, P_V1, P_G1}, up[4] = {P_W2, P_A2, P_V2, P_G2};
+    const int mix_of[4] = {1, 4, 3, 5}; /* xw, xa, xv, xg */
+    float *outs[4] = {j->buf.decay, j->buf.a, j->buf.vgate, j->buf.g};
+    if (q == 2 && layer == 0) return; /* layer 0 has no value residual */
+    const size_t BC = (size_t)j->B * C;
+    float *hidden = j->buf.lora + off[q];
+    lora_columns(j, P[down[q]], S[down[q]], C, dims[q], j->buf.mix + mix_of[q] * BC, C, hidden, Dsum, 0, dims[q]);
     for (int b = 0; b < j->B; b++) {
-        float *o = outs[q] + (size_t)b * C + lo;
-        if (q == 0) decay_of(P[P_W0] + lo, o, hi - lo);
-        if (q == 1) sigmoid_bias(P[P_A0] + lo, o, hi - lo);
-        if (q == 3) sigmoid_bias(P[P_V0] + lo, o, hi - lo);
+        float *h = hidden + (size_t)b * Dsum;
+        if (q == 0) for (int i = 0; i < dims[q]; i++) h[i] = tanhf(h[i]);
+        if (q == 3) sigmoid_bias(NULL, h, dims[q]);
+    }
+    lora_columns(j, P[up[q]], S[up[q]], dims[q], C, hidden, Dsum, outs[q], C, 0, C);
+    for (int b = 0; b < j->B; b++) {
+        float *o = outs[q] + (size_t)b * C;
+        if (q == 0) decay_of(P[P_W0], o, C);
+        if (q == 1) sigmoid_bias(P[P_A0], o, C);
+        if (q == 2) sigmoid_bias(P[P_V0], o, C);
     }
 }
 
@@ -868,31 +878,11 @@ static int run_chunk(const Job *j, int p, int c, int k) {
         return 1;
     }
     case K_PROJ: {
-        const int n_lora = lora_chunks(j);
-        if (c < n_lora) {
-            const int dims[4] = {d[D_DW], d[D_DA], d[D_DV], d[D_DG]};
-            const int slot[4] = {P_W1, P_A1, P_V1, P_G1};
-            const int mix_of[4] = {1, 4, 3, 5}; /* xw, xa, xv, xg */
-            int q = 0, off = 0, first = 0;
-            while (c >= first + cdiv(dims[q], LORA_COLUMNS)) {
-                first += cdiv(dims[q], LORA_COLUMNS);
-                off += dims[q];
-                q++;
-            }
-            if (q == 2 && layer == 0) return 1; /* layer 0 has no value residual */
-            lo = (c - first) * LORA_COLUMNS;
-            hi = lo + LORA_COLUMNS < dims[q] ? lo + LORA_COLUMNS : dims[q];
-            const int Dsum = d[D_DW] + d[D_DA] + d[D_DV] + d[D_DG];
-            lora_columns(j, P[slot[q]], S[slot[q]], C, dims[q], bf->mix + mix_of[q] * BC, C, bf->lora + off, Dsum,
-                         lo, hi);
-            for (int b = 0; b < B; b++) {
-                float *o = bf->lora + (size_t)b * Dsum + off + lo;
-                if (q == 0) for (int i = 0; i < hi - lo; i++) o[i] = tanhf(o[i]);
-                if (q == 3) sigmoid_bias(NULL, o, hi - lo);
-            }
+        if (c < LORA_CHAINS) {
+            lora_chain(j, P, S, layer, j->lora_order[c]);
             return 1;
         }
-        c -= n_lora;
+        c -= LORA_CHAINS;
         const int per = cdiv(C, j->row_chunk_c), which = c / per; /* r, k, v */
         const int weight[3] = {P_WR, P_WK, P_WV}, mix[3] = {0, 2, 3};
         float *outs[3] = {bf->r, bf->k, bf->v};
@@ -900,12 +890,6 @@ static int run_chunk(const Job *j, int p, int c, int k) {
         rows_of(c % per, m, j->row_chunk_c, C, &lo, &hi);
         linear_rows(P[weight[which]], S[weight[which]], wk, C, bf->mix + mix[which] * BC, C, B, outs[which], C, lo, hi, OUT_STORE);
         return m;
-    }
-    case K_LORA_UP: {
-        const int per = cdiv(C, LORA_UP_COLUMNS);
-        rows_of(c % per, 1, LORA_UP_COLUMNS, C, &lo, &hi);
-        lora_up_chunk(j, P, S, layer, c / per, lo, hi);
-        return 1;
     }
     case K_HEADS:
         time_mix_head(j, P, layer, c / d[D_H], c % d[D_H]);
@@ -975,7 +959,7 @@ static inline void backoff(int *spins) {
  * its wall time (from the end of the phase before, so the handover is counted) and the time
  * threads spent inside its chunks. Kinds: the per-layer phases in order, then ln0, ln_out,
  * head. Without the define none of this is compiled in. */
-static const char PHASE_NAMES[] = "ln1 proj lora_up heads out ln2 ffn_key ffn_value ln0 ln_out head";
+static const char PHASE_NAMES[] = "ln1 proj heads out ln2 ffn_key ffn_value ln0 ln_out head";
 enum { N_KINDS = PER_LAYER_PHASES + 3 };
 const char *rwkv7_phase_names(void) { return PHASE_NAMES; }
 
@@ -1037,6 +1021,13 @@ static void run_and_finish(const Job *j, uint32_t epoch, int p, int c, int k, in
     }
 }
 
+/* Whether chunk c of phase p is claimed alone: a LoRA (a whole one is up to 4 chunks of rows'
+ * bytes), so that a claim of a share is not all LoRAs and the other thread idle at the end. */
+static int claimed_alone(const Job *j, int p, int c) {
+    return !j->read_buf && p > 0 && p < phase_count(j) - 2 && (p - 1) % PER_LAYER_PHASES == K_PROJ &&
+           c < LORA_CHAINS;
+}
+
 /* Claim and run chunks until the job is over (0) or it is not this epoch's job any more (-1).
  * A claim takes one thread's share of what is left of the phase, (n - c) / threads chunks, at
  * least one: large claims early in a phase (long runs of rows, few atomics on the shared
@@ -1058,7 +1049,7 @@ static int work(const Job *j, uint32_t epoch) {
             continue;
         }
         int k = (n - c) / threads;
-        if (k < 1) k = 1;
+        if (k < 1 || claimed_alone(j, p, c)) k = 1;
         if (!atomic_compare_exchange_weak_explicit(&g_next, &v, v + (uint64_t)k, memory_order_acq_rel,
                                                    memory_order_acquire))
             continue;
@@ -1168,12 +1159,104 @@ static void run_job(const Job *proto, int nthreads) {
 
 #endif
 
+/* ---------------------------------------------------------------------------- how many threads */
+
+/* On a 2-core machine whose other core is busy, a helper descheduled while it holds a claim
+ * makes a call slower than one thread alone; on an idle machine two threads win (one thread
+ * takes 1.7x as long at L12-D512). So a call chooses between one thread and `most` from the
+ * wall times seen lately. The caller keeps one ThreadTimes per kind of call (a kernel and batch
+ * size, the read pass) and passes it in; only this file reads and writes it. Kept in Python,
+ * choosing and recording cost 40-50 us a token at L12-D512 bf16 (2 % of the step): its
+ * objects were out of the caches after every token's weights had streamed through them.
+ *
+ * Each option keeps its last THREAD_WINDOW wall times and their median; the option with the
+ * lower median runs (all threads on a tie), and every THREAD_EXPLORE-th call runs the other one
+ * so that its times stay current, every THREAD_EXPLORE_FAR-th when it was more than THREAD_FAR
+ * times slower (trying a 1.7x slower option every 16th token cost 4-5 % of all the time,
+ * every 64th about 1 %). Load that slows the running option shows in its own times at once,
+ * so that option is left as soon as it stops being the best. */
+#define THREAD_WINDOW 5
+#define THREAD_WARMUP 3 /* times of each option before choosing */
+#define THREAD_EXPLORE 16
+#define THREAD_EXPLORE_FAR 256
+#define THREAD_FAR 1.5
+
+typedef struct {
+    int32_t most;              /* the thread count of option 1 (option 0 is one thread) */
+    int32_t count[2], next[2]; /* times held and the next slot of each option's ring */
+    int64_t calls;
+    double seconds[2][THREAD_WINDOW];
+    double median[2];
+} ThreadTimes;
+
+/* out[4] = THREAD_WINDOW, THREAD_WARMUP, THREAD_EXPLORE, THREAD_EXPLORE_FAR (for tests). */
+void rwkv7_thread_policy(int32_t *out) {
+    out[0] = THREAD_WINDOW;
+    out[1] = THREAD_WARMUP;
+    out[2] = THREAD_EXPLORE;
+    out[3] = THREAD_EXPLORE_FAR;
+}
+
+/* Bytes of a ThreadTimes; the caller allocates them zeroed (a zeroed one starts over). */
+int64_t rwkv7_thread_times_bytes(void) { return (int64_t)sizeof(ThreadTimes); }
+
+/* The thread count for the next call: 1 or `most`. */
+int32_t rwkv7_choose_threads(ThreadTimes *t, int32_t most) {
+    if (most <= 1) return 1;
+    if (t->most != most) { /* torch's thread count changed: the old times say nothing */
+        memset(t, 0, sizeof *t);
+        t->most = most;
+    }
+    t->calls++;
+    for (int o = 0; o < 2; o++)
+        if (t->count[o] < THREAD_WARMUP) return o ? most : 1;
+    const int best = t->median[1] <= t->median[0];
+    const int far = t->median[!best] > THREAD_FAR * t->median[best];
+    const int o = t->calls % (far ? THREAD_EXPLORE_FAR : THREAD_EXPLORE) == 0 ? !best : best;
+    return o ? most : 1;
+}
+
+/* A call chosen by rwkv7_choose_threads ran on `threads` threads in `seconds`. */
+void rwkv7_record_threads(ThreadTimes *t, int32_t threads, double seconds) {
+    const int o = threads > 1;
+    if (o && threads != t->most) return; /* not one of the two options */
+    t->seconds[o][t->next[o]] = seconds;
+    t->next[o] = (t->next[o] + 1) % THREAD_WINDOW;
+    if (t->count[o] < THREAD_WINDOW) t->count[o]++;
+    double v[THREAD_WINDOW];
+    const int n = t->count[o];
+    for (int a = 0; a < n; a++) { /* insertion sort of the held times */
+        int at = a;
+        for (; at > 0 && v[at - 1] > t->seconds[o][a]; at--) v[at] = v[at - 1];
+        v[at] = t->seconds[o][a];
+    }
+    t->median[o] = v[n / 2];
+}
+
+/* Run a job on `nthreads` threads, or, given `times`, on 1 or `nthreads` as they choose. */
+static void run_chosen(const Job *j, int32_t nthreads, ThreadTimes *times) {
+#ifdef RWKV7_THREADS
+    if (times) {
+        const int32_t threads = rwkv7_choose_threads(times, nthreads);
+        struct timespec start, end;
+        clock_gettime(CLOCK_MONOTONIC, &start);
+        run_job(j, threads);
+        clock_gettime(CLOCK_MONOTONIC, &end);
+        rwkv7_record_threads(times, threads, (double)(end.tv_sec - start.tv_sec) + 1e-9 * (double)(end.tv_nsec - start.tv_nsec));
+        return;
+    }
+#else
+    (void)times;
+#endif
+    run_job(j, nthreads < 1 ? 1 : nthreads);
+}
+
 /* ---------------------------------------------------------------------------- entry points */
 
 /* The floor of a step: read `n` floats once, cut into the same ~64 KB chunks and run by the same
- * threads and scheduler as a step (nthreads as in rwkv7_step), with a plain vectorised sum.
- * sums: one float per chunk, ceil(n / 16384). Returns 0, -1 for too many chunks. */
-int rwkv7_read_pass(const float *buf, int64_t n, float *sums, int32_t nthreads) {
+ * threads and scheduler as a step (nthreads and times as in rwkv7_step), with a plain
+ * vectorised sum. sums: one float per chunk, ceil(n / 16384). Returns 0, -1 for too many chunks. */
+int rwkv7_read_pass(const float *buf, int64_t n, float *sums, int32_t nthreads, ThreadTimes *times) {
     if (n < 1) return 0;
     if ((n + ROW_CHUNK_FLOATS - 1) / ROW_CHUNK_FLOATS > 0xFFFFFF) return -1;
     Job j;
@@ -1181,7 +1264,7 @@ int rwkv7_read_pass(const float *buf, int64_t n, float *sums, int32_t nthreads) 
     j.read_buf = buf;
     j.read_floats = n;
     j.read_sums = sums;
-    run_job(&j, nthreads < 1 ? 1 : nthreads);
+    run_chosen(&j, nthreads, times);
     return 0;
 }
 
@@ -1198,12 +1281,13 @@ static int round_rows(int x) { return x < ROW_STREAMS ? ROW_STREAMS : x / ROW_ST
  * W_BF16 or W_INT8); scales: a table parallel to params with each int8 matrix's per-row
  * float32 scales (entries of other parameters are ignored and may be NULL); idx [batch] token ids; shift, wkv: the State tensors (updated in
  * place); logits [batch, V] written; scratch: rwkv7_scratch_floats(dims, batch) floats;
- * nthreads: the calling thread plus nthreads - 1 helpers.
+ * nthreads: the calling thread plus nthreads - 1 helpers; times: NULL, or the ThreadTimes of
+ * this kind of call, and the call runs on 1 or nthreads threads as they choose.
  * Returns 0; 1 + the position of the first token id out of range; -1 for more than 9000
  * layers; -2 for an unknown `weights` (nothing is touched on an error). */
 int rwkv7_step(const int32_t *dims, const float *eps, const float *const *params,
                const float *const *scales, int32_t weights, int32_t batch, const int64_t *idx, float *shift, float *wkv, float *logits, float *scratch,
-               int32_t nthreads) {
+               int32_t nthreads, ThreadTimes *times) {
     for (int b = 0; b < batch; b++)
         if (idx[b] < 0 || idx[b] >= dims[D_V]) return 1 + b;
     if (batch < 1) return 0;
@@ -1228,6 +1312,16 @@ int rwkv7_step(const int32_t *dims, const float *eps, const float *const *params
      * blocks of 128 channels computed them C / 128 times a stream: whole rows up to 512
      * channels took K = 4 from 3.49 to 3.45 ms a token (L12-D512 bf16, A/B). */
     j.channel_chunk = 512;
+    /* The largest LoRA first: the last claims of the proj phase are then chunks of rows. */
+    const int lora_size[4] = {dims[D_DW], dims[D_DA], dims[D_DV], dims[D_DG]};
+    for (int q = 0; q < 4; q++) {
+        int at = q;
+        while (at > 0 && lora_size[j.lora_order[at - 1]] < lora_size[q]) {
+            j.lora_order[at] = j.lora_order[at - 1];
+            at--;
+        }
+        j.lora_order[at] = q;
+    }
     const size_t BC = (size_t)batch * C;
     float *p = scratch;
     j.buf.x = p; p += BC;
@@ -1248,6 +1342,6 @@ int rwkv7_step(const int32_t *dims, const float *eps, const float *const *params
     j.buf.lora = p; p += (size_t)batch * (dims[D_DW] + dims[D_DA] + dims[D_DV] + dims[D_DG]);
     j.buf.hid = p; p += (size_t)batch * F;
     if (phase_count(&j) > 0xFFFF) return -1; /* more layers than the phase counter holds */
-    run_job(&j, nthreads < 1 ? 1 : nthreads);
+    run_chosen(&j, nthreads, times);
     return 0;
 }
