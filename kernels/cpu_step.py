@@ -44,7 +44,7 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -109,8 +109,10 @@ class CpuStepLibrary:
     layer_params: tuple[tuple[str, tuple[str, ...]], ...]  # names after "blocks.<i>."
     dim_names: tuple[str, ...]
     packable: frozenset[str]  # parameter names (as in the two tables) that may be stored packed
-    transposed: frozenset[str]  # those of them packed as their transposes (the LoRA matrices)
+    transposed: frozenset[str]  # those of them packed as their transposes (the LoRA down-projections)
+    tiled: frozenset[str]  # those packed in column tiles (the LoRA up-projections)
     bf16_pair: int  # the column pairing packed bf16 rows need (the vector width)
+    tile: int  # columns of a tile (rwkv7_tile: 2 * bf16_pair)
     phase_names: tuple[str, ...]  # the kinds of phase a token runs (rwkv7_phase_names)
     profiling: bool  # built with -DRWKV7_PROFILE: `phase_times` answers
 
@@ -263,16 +265,19 @@ def _describe(path: Path, cdll: ctypes.CDLL, flags: tuple[str, ...]) -> CpuStepL
     cdll.rwkv7_record_threads.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_double]
     cdll.rwkv7_thread_policy.restype = None
     cdll.rwkv7_thread_policy.argtypes = [ctypes.c_void_p]
-    packable, transposed = set(), set()
+    cdll.rwkv7_tile.restype = ctypes.c_int
+    packable, transposed, tiled = set(), set(), set()
 
     def parse(section: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
         entries = []
         for item in section.split():
-            if item.endswith(("*", "^")):
+            if item.endswith(("*", "^", "%")):
                 item, marker = item[:-1], item[-1]
                 packable.add(item.split("[")[0])
                 if marker == "^":
                     transposed.add(item.split("[")[0])
+                if marker == "%":
+                    tiled.add(item.split("[")[0])
             name, shape = item.rstrip("]").split("[")
             entries.append((name, tuple(shape.split(","))))
         return tuple(entries)
@@ -283,16 +288,20 @@ def _describe(path: Path, cdll: ctypes.CDLL, flags: tuple[str, ...]) -> CpuStepL
         path=path, cdll=cdll, flags=flags, simd=cdll.rwkv7_simd().decode(),
         threads=bool(cdll.rwkv7_threads()), global_params=parse(global_part),
         layer_params=parse(layer_part), dim_names=tuple(cdll.rwkv7_dim_names().decode().split()),
-        packable=frozenset(packable), transposed=frozenset(transposed), bf16_pair=int(cdll.rwkv7_bf16_pair()),
+        packable=frozenset(packable), transposed=frozenset(transposed), tiled=frozenset(tiled),
+        bf16_pair=int(cdll.rwkv7_bf16_pair()), tile=int(cdll.rwkv7_tile()),
         phase_names=phase_names, profiling=cdll.rwkv7_profile((ctypes.c_double * (2 * len(phase_names)))()) > 0,
     )
 
 
 def pack_for_kernel(library: CpuStepLibrary, name: str, matrix: Tensor, weights: str) -> PackedMatrix:
     """Parameter `name` (as in the layout table) stored as the kernel reads it in format
-    `weights`: packed, and first transposed for the LoRA matrices (rows = outputs)."""
+    `weights`: packed; first transposed for the LoRA down-projections (rows = outputs), in
+    column tiles for the up-projections."""
     if weights != "fp32" and name in library.transposed:
         matrix = matrix.t().contiguous()
+    if weights != "fp32" and name in library.tiled:
+        return pack(matrix, weights, library.bf16_pair, tile=library.tile)
     return pack(matrix, weights, library.bf16_pair)
 
 
@@ -342,6 +351,15 @@ class _Binding:
     scales_c: ctypes.Array  # per-row scales of int8 matrices, parallel to ptrs_c (else NULL)
     packed: list[PackedMatrix]  # keeps the packed copies alive
     stored_bytes: dict[str, int]  # weight bytes a token reads at batch 1, per table name (layers summed)
+    _state_shapes: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+
+    def state_shapes(self, batch: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(shift shape, wkv shape) of a State of `batch` streams: [L, 2, B, C], [L, B, H, N, N]."""
+        shapes = self._state_shapes.get(batch)
+        if shapes is None:
+            d = self.dims
+            shapes = self._state_shapes[batch] = ((d["L"], 2, batch, d["C"]), (d["L"], batch, d["H"], d["N"], d["N"]))
+        return shapes
 
 
 class CpuStepKernel:
@@ -534,20 +552,24 @@ class CpuStepKernel:
         CpuStepInputError for ids out of range or state tensors of the wrong shape,
         CpuStepUnavailableError when the model stopped being float32 on the CPU.
         """
+        # Every line here runs with its objects out of the caches (the weights have just streamed
+        # through them), so the checks use the cheapest forms: .is_cpu, not .device (a new
+        # object), dtype by identity, state shapes compared with tuples made once per batch size.
         binding = self._binding if getattr(self._fixed, "depth", 0) else self._current_binding()
-        d = binding.dims
-        if idx.dim() != 1 or idx.device.type != "cpu":
+        if idx.ndim != 1 or not idx.is_cpu:
             raise CpuStepInputError("idx", f"expected a 1-D CPU tensor, got shape {tuple(idx.shape)} on {idx.device}")
         batch = idx.shape[0]
-        if idx.dtype != torch.int64 or not idx.is_contiguous():
+        if idx.dtype is not torch.int64 or not idx.is_contiguous():
             idx = idx.to(torch.int64).contiguous()
-        if shift.shape != (d["L"], 2, batch, d["C"]) or wkv.shape != (d["L"], batch, d["H"], d["N"], d["N"]):
+        if (shift.shape, wkv.shape) != binding.state_shapes(batch):
             raise CpuStepInputError(
                 "state", f"shapes {tuple(shift.shape)} and {tuple(wkv.shape)} do not fit {batch} streams")
-        for name, t in (("state.shift", shift), ("state.wkv", wkv)):
-            if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
-                raise CpuStepInputError(name, f"must be float32, contiguous, on the CPU ({t.dtype}, {t.device})")
-        logits = torch.empty(batch, d["V"])
+        if not (shift.dtype is wkv.dtype is torch.float32 and shift.is_cpu and wkv.is_cpu
+                and shift.is_contiguous() and wkv.is_contiguous()):
+            for name, t in (("state.shift", shift), ("state.wkv", wkv)):
+                if t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous():
+                    raise CpuStepInputError(name, f"must be float32, contiguous, on the CPU ({t.dtype}, {t.device})")
+        logits = torch.empty(batch, binding.dims["V"])
         if batch == 0:
             return logits
         lib = self.library.cdll
@@ -564,10 +586,10 @@ class CpuStepKernel:
         if status == -2:
             raise CpuStepUnavailableError(f"the library does not know weight format {self.weights!r}")
         if status < 0:
-            raise CpuStepUnavailableError(f"{d['L']} layers is more than the kernel schedules")
+            raise CpuStepUnavailableError(f"{binding.dims['L']} layers is more than the kernel schedules")
         if status:
             bad = int(idx[status - 1])
-            raise CpuStepInputError("idx", f"token id {bad} is out of range [0, {d['V']})")
+            raise CpuStepInputError("idx", f"token id {bad} is out of range [0, {binding.dims['V']})")
         return logits
 
 

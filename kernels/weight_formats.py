@@ -16,6 +16,12 @@ pair + j (high half), so that one vector load widens to two float vectors with a
 mask (pair = the kernel's vector width; 1 = plain order). fp32 matrices are the model's own,
 row-major, read in place.
 
+A matrix may also be packed in column tiles (`tile` columns, a multiple of 2 * pair that
+divides COLUMN_PAD): the padded rows are cut into blocks of `tile` columns, stored block by
+block, [cols / tile][rows][tile], so that one block is one run of memory. The kernel stores the
+LoRA up-projections so: it sums along their rows for a block of outputs at a time (no
+horizontal sums of their 32-128-column rows).
+
 `pack` makes the tensors the kernel reads; `unpack` gives back the float32 matrix those bytes
 stand for, so a test can run the PyTorch reference step on exactly the weights the kernel uses.
 """
@@ -40,13 +46,14 @@ COLUMN_PAD = 32  # packed rows are padded to a multiple of this many columns
 class PackedMatrix:
     """One matrix [rows, cols] as the kernel reads it: `data` is the float32 matrix itself, or
     int16 (bf16 bits, paired columns) or int8 [rows, cols rounded up to COLUMN_PAD]; for int8,
-    `scale` float32 [rows]."""
+    `scale` float32 [rows]. Tiled (`tile` > 0), data is [cols rounded up / tile, rows, tile]."""
 
     data: Tensor
     rows: int
     cols: int
     scale: Tensor | None = None
     pair: int = 1  # bf16 column pairing (see the module docstring)
+    tile: int = 0  # columns of a tile, 0 when the rows are stored whole
 
     @property
     def nbytes(self) -> int:
@@ -62,10 +69,19 @@ def check_format(weights: str) -> str:
 
 
 @torch.no_grad()
-def pack(matrix: Tensor, weights: str, bf16_pair: int = 1) -> PackedMatrix:
+def pack(matrix: Tensor, weights: str, bf16_pair: int = 1, tile: int = 0) -> PackedMatrix:
     """A float32 matrix [rows, cols] in format `weights` (a new tensor unless fp32); bf16
-    columns paired `bf16_pair` apart (the kernel's `CpuStepLibrary.bf16_pair`)."""
+    columns paired `bf16_pair` apart (the kernel's `CpuStepLibrary.bf16_pair`); with `tile`,
+    bf16 or int8 stored in column tiles of that many columns (see the module docstring)."""
     check_format(weights)
+    if tile:
+        if weights == "fp32" or tile % (2 * bf16_pair) or COLUMN_PAD % tile:
+            raise ValueError(f"column tiles of {tile} need bf16 or int8, a multiple of {2 * bf16_pair} "
+                             f"columns that divides {COLUMN_PAD}")
+        rows_packed = pack(matrix, weights, bf16_pair)
+        data = rows_packed.data
+        tiles = data.view(data.shape[0], data.shape[1] // tile, tile).transpose(0, 1).contiguous()
+        return PackedMatrix(tiles, rows_packed.rows, rows_packed.cols, rows_packed.scale, rows_packed.pair, tile)
     rows, cols = matrix.shape
     if weights == "fp32":
         return PackedMatrix(matrix, rows, cols)
@@ -97,6 +113,8 @@ def unpack(packed: PackedMatrix) -> Tensor:
     data = packed.data
     if data.dtype == torch.float32:
         return data.clone()
+    if packed.tile:  # [blocks, rows, tile] -> [rows, blocks * tile]
+        data = data.transpose(0, 1).reshape(packed.rows, -1)
     rows, width = data.shape
     if data.dtype == torch.int16:  # undo the column pairing
         p = packed.pair

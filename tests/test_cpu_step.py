@@ -270,6 +270,16 @@ def test_cpu_step_bad_token_leaves_state_untouched():
     assert torch.equal(state.shift, before.shift) and torch.equal(state.wkv, before.wkv)
     with pytest.raises(CpuStepInputError, match="streams"):
         kernel.step(torch.tensor([4, 5, 6]), *tensors_of(state))
+    with pytest.raises(CpuStepInputError, match="state.wkv: must be float32"):
+        kernel.step(torch.tensor([4, 5]), state.shift, state.wkv.double())
+    with pytest.raises(CpuStepInputError, match="state.shift: must be float32, contiguous"):
+        kernel.step(torch.tensor([4, 5]), state.shift.transpose(2, 3).contiguous().transpose(2, 3), state.wkv)
+    with pytest.raises(CpuStepInputError, match="1-D CPU tensor"):
+        kernel.step(torch.tensor([[4, 5]]), *tensors_of(state))
+    assert torch.equal(state.shift, before.shift) and torch.equal(state.wkv, before.wkv)
+    # ids of another integer type are taken as they are
+    assert torch.equal(kernel.step(torch.tensor([4, 5], dtype=torch.int32), *tensors_of(state.clone())),
+                       kernel.step(torch.tensor([4, 5]), *tensors_of(state.clone())))
 
 
 @pytest.mark.parametrize("define", ["-DRWKV7_SCALAR", "-DRWKV7_NO_AVX512", "-DRWKV7_NO_THREADS"])

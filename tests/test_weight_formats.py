@@ -85,11 +85,13 @@ def test_cpu_step_packed_matches_torch_step_on_unpacked(weights, batch):
 
 
 @pytest.mark.parametrize("weights", PACKED)
+@pytest.mark.parametrize("n_embd, head_size", [(96, 32), (36, 12)])
 @needs_cc
-def test_cpu_step_packed_partial_rows_and_runs(weights):
+def test_cpu_step_packed_partial_rows_and_runs(weights, n_embd, head_size):
     # C = 96 is not whole padded rows, V = 53 not whole runs of rows: zero padding that
     # must never reach an output, short runs; one thread and two give the same answer.
-    cfg = ModelConfig(n_layer=2, n_embd=96, head_size=32, vocab_size=53)
+    # C = 36 is not whole column tiles either (16 columns on AVX2, 32 on AVX-512).
+    cfg = ModelConfig(n_layer=2, n_embd=n_embd, head_size=head_size, vocab_size=53)
     torch.manual_seed(2)
     model = RWKV7(cfg)
     with torch.no_grad():
@@ -126,9 +128,11 @@ def test_cpu_step_bytes_per_token_and_routing(monkeypatch):
     library = kernels["fp32"].library
     packable = [(name.split(".", 2)[2] if name.startswith("blocks.") else name, p) for name, p in params.items()]
     packable = [(short, p) for short, p in packable if short in library.packable]
-    # head; r, k, v, output, FFN key and value; the 8 LoRA matrices (packed transposed)
+    # head; r, k, v, output, FFN key and value; the 8 LoRA matrices (down-projections packed
+    # transposed, up-projections in column tiles)
     assert len(packable) == 1 + 14 * model.cfg.n_layer
-    assert sum(short in library.transposed for short, _ in packable) == 8 * model.cfg.n_layer
+    assert sum(short in library.transposed for short, _ in packable) == 4 * model.cfg.n_layer
+    assert sum(short in library.tiled for short, _ in packable) == 4 * model.cfg.n_layer
     for w in ("bf16", "int8"):  # the packed matrices (padded rows, scales) and the float32 rest
         expected = fp32 - sum(p.numel() * 4 for _, p in packable)
         expected += sum(pack_for_kernel(library, short, p.detach(), w).nbytes for short, p in packable)

@@ -25,8 +25,9 @@
  *
  * Layouts (torch fp32, contiguous, unless packed):
  *   nn.Linear weight [out, in] (packed: [out][in rounded up to COLUMN_PAD], bf16 bits with paired
- *   columns or int8 + scale[out]); LoRA w1/a1/v1/g1 [C, D] and w2/a2/v2/g2 [D, C] (packed: their
- *   transposes, as nn.Linear weights); vectors [C];
+ *   columns or int8 + scale[out]); LoRA w1/a1/v1/g1 [C, D] (packed: their transposes, as
+ *   nn.Linear weights) and w2/a2/v2/g2 [D, C] (packed: [C / TILE][D][TILE], int8 + scale[D]);
+ *   vectors [C];
  *   r_k [H, N]; state shift [n_layer, 2, B, C]; state wkv [n_layer, B, H, N, N] (value, key).
  */
 
@@ -215,9 +216,10 @@ static inline vec v_sigmoid(vec x) {
 /* Parameter table: the GLOBAL entries, then PER_LAYER entries for each block. Names are the
  * model's parameter names (per-layer ones after "blocks.<i>."), with their shapes in the size
  * symbols of `dims`; a trailing '*' marks the matrices that may be stored packed (bf16, int8:
- * see linear_rows), the ones that make up almost all the bytes of a token, and '^' the LoRA
- * matrices, which are then packed as their transposes (rows = outputs), so that linear_rows
- * reads them too. cpu_step.py reads this string, so the order lives only here. */
+ * see linear_rows), the ones that make up almost all the bytes of a token, '^' the LoRA
+ * down-projections, which are then packed as their transposes (rows = outputs), so that
+ * linear_rows reads them too, and '%' the LoRA up-projections, packed as they are in column
+ * tiles (see up_tiles). cpu_step.py reads this string, so the order lives only here. */
 enum { G_EMB, G_LN0_W, G_LN0_B, G_LNOUT_W, G_LNOUT_B, G_HEAD, N_GLOBAL };
 enum {
     P_LN1_W, P_LN1_B, P_LN2_W, P_LN2_B,
@@ -235,8 +237,8 @@ static const char LAYOUT[] =
     "|"
     "ln1.weight[C] ln1.bias[C] ln2.weight[C] ln2.bias[C] "
     "att.x_r[C] att.x_w[C] att.x_k[C] att.x_v[C] att.x_a[C] att.x_g[C] "
-    "att.w0[C] att.w1[C,Dw]^ att.w2[Dw,C]^ att.a0[C] att.a1[C,Da]^ att.a2[Da,C]^ "
-    "att.v0[C] att.v1[C,Dv]^ att.v2[Dv,C]^ att.g1[C,Dg]^ att.g2[Dg,C]^ "
+    "att.w0[C] att.w1[C,Dw]^ att.w2[Dw,C]% att.a0[C] att.a1[C,Da]^ att.a2[Da,C]% "
+    "att.v0[C] att.v1[C,Dv]^ att.v2[Dv,C]% att.g1[C,Dg]^ att.g2[Dg,C]% "
     "att.k_k[C] att.k_a[C] att.r_k[H,N] "
     "att.receptance.weight[C,C]* att.key.weight[C,C]* att.value.weight[C,C]* att.output.weight[C,C]* "
     "att.ln_x.weight[C] att.ln_x.bias[C] "
@@ -581,6 +583,77 @@ static void vec_mat_cols(const float *x, const float *M, int ldm, int in, int c0
     }
 }
 
+/* Packed column tiles: a matrix [in, cols] stored as [cols / TILE][in][TILE] (padded rows cut
+ * into blocks of TILE columns, block by block; kernels/weight_formats.py packs). One row of a
+ * tile is one paired bf16 load (or TILE int8 weights) that widens to two float vectors. */
+#define TILE (2 * PAIR)
+
+int rwkv7_tile(void) { return TILE; }
+
+/* acc[(g * P + p) * 2 + half] = sum_i x_g[i] * tile(t0 + p * apart)[i][half * VW ...], x_g =
+ * x + g * ldx: P tiles (P memory streams) times G token streams, 2 * P * G <= MAX_ACC sums in
+ * registers, each a chain along the rows. */
+static inline __attribute__((always_inline)) void tiles_pass(const void *M, int kind, int in, int t0, int apart,
+                                                            int P, const float *x, int ldx, int G, vec *acc) {
+    const size_t tile = (size_t)in * TILE;
+    for (int k = 0; k < 2 * P * G; k++) acc[k] = v_zero();
+    for (int i = 0; i < in; i++) {
+        vec xi[4];
+        for (int g = 0; g < G; g++) xi[g] = v_set1(x[(size_t)g * ldx + i]);
+        for (int p = 0; p < P; p++) {
+            const size_t at = (size_t)(t0 + p * apart) * tile + (size_t)i * TILE;
+            const vec lo = w_load_half(M, at, 0, kind), hi = w_load_half(M, at, 1, kind);
+            for (int g = 0; g < G; g++) {
+                acc[(g * P + p) * 2] = v_fma(lo, xi[g], acc[(g * P + p) * 2]);
+                acc[(g * P + p) * 2 + 1] = v_fma(hi, xi[g], acc[(g * P + p) * 2 + 1]);
+            }
+        }
+    }
+}
+
+/* out[b*ldo + c] = sum_i X[b*ldx + i] * M[i, c] for c < cols, every stream b < B, M [in, cols]
+ * packed bf16 or int8 in column tiles (int8: X already times the per-row scales). The LoRA
+ * up-projections: their rows are 32-128 columns, so as nn.Linear rows (a dot product a row and
+ * stream) horizontal sums made most of the work, 0.6-0.8 of a stream's weight bytes a cycle at
+ * K = 4; here the sums run down the columns. Streams in fours over one tile, pairs over two,
+ * one over four: always 8 sums. The tiles of a pass lie a run apart (a half or a quarter of
+ * the matrix): separate memory streams, each read front to back (see ROW_STREAMS). */
+static void up_tiles(const void *M, int kind, int in, int cols, const float *X, int ldx, int B, float *out,
+                     int ldo) {
+    const int nt = cdiv(cols, TILE);
+    vec acc[MAX_ACC];
+    for (int b = 0; b < B;) {
+        const int G = B - b >= 4 ? 4 : B - b >= 2 ? 2 : 1, P = 4 / G, run = nt / P;
+        const float *x = X + (size_t)b * ldx;
+        for (int t = 0; t < nt; t++) {
+            const int whole = t < run; /* tiles t, t + run, ... in one pass; the rest one at a time */
+            if (!whole && t < P * run) continue;
+            const int np = whole ? P : 1, apart = whole ? run : 0;
+            if (G == 4) tiles_pass(M, kind, in, t, 0, 1, x, ldx, 4, acc);
+            else if (G == 2 && whole) tiles_pass(M, kind, in, t, apart, 2, x, ldx, 2, acc);
+            else if (G == 2) tiles_pass(M, kind, in, t, 0, 1, x, ldx, 2, acc);
+            else if (whole) tiles_pass(M, kind, in, t, apart, 4, x, ldx, 1, acc);
+            else tiles_pass(M, kind, in, t, 0, 1, x, ldx, 1, acc);
+            for (int g = 0; g < G; g++)
+                for (int p = 0; p < np; p++) {
+                    const int c0 = (t + p * apart) * TILE;
+                    const vec lo = acc[(g * np + p) * 2], hi = acc[(g * np + p) * 2 + 1];
+                    float *o = out + (size_t)(b + g) * ldo + c0;
+                    if (c0 + TILE <= cols) {
+                        v_store(o, lo);
+                        v_store(o + VW, hi);
+                    } else { /* the last tile holds padding columns */
+                        float tmp[TILE];
+                        v_store(tmp, lo);
+                        v_store(tmp + VW, hi);
+                        memcpy(o, tmp, sizeof(float) * (size_t)(cols - c0));
+                    }
+                }
+        }
+        b += G;
+    }
+}
+
 /* ---------------------------------------------------------------------------- WKV, one head */
 
 /* S [N, N] (value i, key j) <- S diag(decay) + (S a) b^T + v k^T;  y = S r.
@@ -756,7 +829,14 @@ static void lora_chain(const Job *j, const float *const *P, const float *const *
         if (q == 0) for (int i = 0; i < dims[q]; i++) h[i] = tanhf(h[i]);
         if (q == 3) sigmoid_bias(NULL, h, dims[q]);
     }
-    lora_columns(j, P[up[q]], S[up[q]], dims[q], C, hidden, Dsum, outs[q], C, 0, C);
+    if (j->wkind == W_FP32) {
+        lora_columns(j, P[up[q]], S[up[q]], dims[q], C, hidden, Dsum, outs[q], C, 0, C);
+    } else {
+        if (j->wkind == W_INT8) /* per-row scales of the tiled matrix: one per hidden unit */
+            for (int b = 0; b < j->B; b++)
+                for (int i = 0; i < dims[q]; i++) hidden[(size_t)b * Dsum + i] *= S[up[q]][i];
+        up_tiles(P[up[q]], j->wkind, dims[q], C, hidden, Dsum, j->B, outs[q], C);
+    }
     for (int b = 0; b < j->B; b++) {
         float *o = outs[q] + (size_t)b * C;
         if (q == 0) decay_of(P[P_W0], o, C);
