@@ -194,15 +194,16 @@ static inline vec v_exp(vec x) {
     vec n = v_round(v_mul(x, v_set1(1.44269504088896341f)));
     vec r = v_fma(n, v_set1(-0.693145751953125f), x); /* ln 2 split in two for an exact n ln2 */
     r = v_fma(n, v_set1(-1.42860682030941723e-6f), r);
-    vec p = v_set1(1.0f / 5040.0f);
-    p = v_fma(p, r, v_set1(1.0f / 720.0f));
-    p = v_fma(p, r, v_set1(1.0f / 120.0f));
-    p = v_fma(p, r, v_set1(1.0f / 24.0f));
-    p = v_fma(p, r, v_set1(1.0f / 6.0f));
-    p = v_fma(p, r, v_set1(0.5f));
-    p = v_fma(p, r, v_set1(1.0f));
-    p = v_fma(p, r, v_set1(1.0f));
-    return v_pow2(p, n);
+    /* Estrin's scheme: (1 + r + r^2/2 + r^3/6) + r^4 (1/24 + r/120 + r^2/720 + r^3/5040) in
+     * three levels of FMAs, not Horner's seven in a row. The activations are chains of two
+     * exps and a division per vector that the core could not overlap enough: the decay of a
+     * stream took 6 cycles an element. L12-D512 bf16, A/B: K = 1 2.124 -> 2.102 ms, K = 4 3.297
+     * -> 3.267. Worst error over [-87, 88] (every 3e-6 relative step) 1.71 ulp, Horner's 0.89. */
+    const vec r2 = v_mul(r, r), r4 = v_mul(r2, r2);
+    const vec low = v_fma(v_fma(r, v_set1(1.0f / 6.0f), v_set1(0.5f)), r2, v_add(r, v_set1(1.0f)));
+    const vec high = v_fma(v_fma(r, v_set1(1.0f / 5040.0f), v_set1(1.0f / 720.0f)), r2,
+                           v_fma(r, v_set1(1.0f / 120.0f), v_set1(1.0f / 24.0f)));
+    return v_pow2(v_fma(high, r4, low), n);
 }
 
 static inline vec v_sigmoid(vec x) {
