@@ -419,25 +419,23 @@ def record_arrivals_main() -> None:
     source, client = sys.argv[1], sys.argv[2]
     stamper = ArrivalStamper()
     arrivals: list[tuple[float, list[int]]] = []
-    watch = JackServerWatch(f"{client} watch")  # each change settles (daemon.jack_watch)
-    watch.open()
-    with watch.change():
-        midi_in = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name=client, queue_size_limit=65536)
-    midi_in.ignore_types(sysex=False, timing=False, active_sense=False)
-    with watch.change():
-        midi_in.open_port(midi_in.get_ports().index(source))
-    print("ready", flush=True)
-    while True:
-        message = midi_in.get_message()
-        if message is not None:
-            arrivals.append((stamper.stamp(message[1], time.perf_counter()), message[0]))
-            continue
-        if select.select([sys.stdin], [], [], 0.001)[0]:  # "stop", or the parent went away
-            break
-    with watch.change():
-        midi_in.close_port()
-    midi_in.delete()
-    watch.close()
+    with JackServerWatch(f"{client} watch") as watch:  # each change settles (daemon.jack_watch)
+        with watch.change():
+            midi_in = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name=client, queue_size_limit=65536)
+        midi_in.ignore_types(sysex=False, timing=False, active_sense=False)
+        with watch.change():
+            midi_in.open_port(midi_in.get_ports().index(source))
+        print("ready", flush=True)
+        while True:
+            message = midi_in.get_message()
+            if message is not None:
+                arrivals.append((stamper.stamp(message[1], time.perf_counter()), message[0]))
+                continue
+            if select.select([sys.stdin], [], [], 0.001)[0]:  # "stop", or the parent went away
+                break
+        with watch.change():
+            midi_in.close_port()
+        midi_in.delete()
     print(json.dumps(arrivals), flush=True)
 
 

@@ -424,56 +424,57 @@ class SoakPeer:
 def soak_peer_main() -> None:
     """The peer process (argv: client name, daemon input port, daemon output port): plays what
     "play <json>" lines schedule, records what the daemon sends, answers "dump" with a JSON
-    line of arrivals, ends on "stop" or when stdin closes. Imports rtmidi,
-    daemon.midi_events and daemon.jack_watch only, and polls rtmidi's queue (no Python callback on JACK's thread)."""
+    line of arrivals, ends on "stop" or when stdin closes. Imports rtmidi, daemon.midi_events
+    and daemon.jack_watch only, and polls rtmidi's queue (no Python callback on JACK's thread)."""
     import rtmidi
 
     from daemon.jack_watch import JackServerWatch
     from daemon.midi_events import ArrivalStamper
 
     client, daemon_input, daemon_output = sys.argv[1:4]
-    # Each change of the graph settles before the next (daemon.jack_watch: libjack crashes a
-    # client that registers or unregisters a port while it handles a notification).
-    watch = JackServerWatch(f"{client} watch")
-    watch.open()
-    with watch.change():
-        midi_in = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name=client, queue_size_limit=65536)
-    midi_in.ignore_types(sysex=False, timing=False, active_sense=False)
-    with watch.change():
-        midi_in.open_port(midi_in.get_ports().index(daemon_output), "in")
-    with watch.change():
-        midi_out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=client)
-    with watch.change():
-        midi_out.open_port(midi_out.get_ports().index(daemon_input), "out")
-    print("ready", flush=True)
-    stamper = ArrivalStamper()
-    arrivals: list[tuple[float, list[int]]] = []
-    pending: list[tuple[float, int, list[int]]] = []
-    order = 0
-    running = True
-    while running:
-        while (message := midi_in.get_message()) is not None:
-            arrivals.append((stamper.stamp(message[1], time.perf_counter()), message[0]))
-        now = time.perf_counter()
-        while pending and pending[0][0] <= now:
-            midi_out.send_message(heapq.heappop(pending)[2])
-        wait = 0.001 if not pending else max(0.0, min(0.001, pending[0][0] - now))
-        if not select.select([sys.stdin], [], [], wait)[0]:
-            continue
-        line = sys.stdin.readline()
-        if not line or line.strip() == "stop":
-            running = False
-        elif line.startswith("play "):
-            for due, data in json.loads(line[5:]):
-                heapq.heappush(pending, (due, order, data))
-                order += 1
-        elif line.strip() == "dump":
-            print(json.dumps(arrivals), flush=True)
-            arrivals = []
-    midi_in.close_port()
-    midi_in.delete()
-    midi_out.close_port()
-    midi_out.delete()
+    # Each change of the graph settles before the next, at the end too (daemon.jack_watch:
+    # libjack crashes a client that registers or unregisters a port while it handles a
+    # notification).
+    with JackServerWatch(f"{client} watch") as watch:
+        with watch.change():
+            midi_in = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name=client, queue_size_limit=65536)
+        midi_in.ignore_types(sysex=False, timing=False, active_sense=False)
+        with watch.change():
+            midi_in.open_port(midi_in.get_ports().index(daemon_output), "in")
+        with watch.change():
+            midi_out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=client)
+        with watch.change():
+            midi_out.open_port(midi_out.get_ports().index(daemon_input), "out")
+        print("ready", flush=True)
+        stamper = ArrivalStamper()
+        arrivals: list[tuple[float, list[int]]] = []
+        pending: list[tuple[float, int, list[int]]] = []
+        order = 0
+        running = True
+        while running:
+            while (message := midi_in.get_message()) is not None:
+                arrivals.append((stamper.stamp(message[1], time.perf_counter()), message[0]))
+            now = time.perf_counter()
+            while pending and pending[0][0] <= now:
+                midi_out.send_message(heapq.heappop(pending)[2])
+            wait = 0.001 if not pending else max(0.0, min(0.001, pending[0][0] - now))
+            if not select.select([sys.stdin], [], [], wait)[0]:
+                continue
+            line = sys.stdin.readline()
+            if not line or line.strip() == "stop":
+                running = False
+            elif line.startswith("play "):
+                for due, data in json.loads(line[5:]):
+                    heapq.heappush(pending, (due, order, data))
+                    order += 1
+            elif line.strip() == "dump":
+                print(json.dumps(arrivals), flush=True)
+                arrivals = []
+        for port in (midi_in, midi_out):
+            with watch.change():
+                port.close_port()
+            with watch.change():
+                port.delete()
 
 
 def _print(r: SoakResult) -> None:
