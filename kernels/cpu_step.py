@@ -377,6 +377,7 @@ class CpuStepKernel:
                               ] if weights != "fp32" else []
         self._binding = self._bind(model)
         self._scratch: dict[int, Tensor] = {}  # per batch size
+        self._read_sums: dict[int, Tensor] = {}  # read_pass's per-chunk sums, per buffer length
         self._thread_times: dict[int, ThreadTimes] = {}  # per batch size, -1 for the read pass
         self._lock = threading.Lock()  # the scratch memory is shared by calls
         self._fixed = threading.local()  # depth of weights_fixed blocks, per thread
@@ -611,12 +612,15 @@ class CpuStepKernel:
         """Read `buffer` (float32, contiguous, CPU) once, cut into the step's chunks and run by
         its threads and scheduler: the memory-bandwidth floor of a step reading as many bytes
         (`bench step` passes a buffer of `bytes_per_token` bytes). Threads as in `step`, with
-        ThreadTimes of its own."""
-        if buffer.dtype != torch.float32 or buffer.device.type != "cpu" or not buffer.is_contiguous():
+        ThreadTimes of its own. Its per-chunk sums are kept between calls, as the step's scratch
+        memory is, so that the floor pays for no allocation the step does not pay for."""
+        if buffer.dtype is not torch.float32 or not buffer.is_cpu or not buffer.is_contiguous():
             raise CpuStepInputError("buffer", "must be float32, contiguous, on the CPU")
         n = buffer.numel()
-        sums = torch.empty(-(-n // READ_CHUNK_FLOATS))
         with self._lock:
+            sums = self._read_sums.get(n)
+            if sums is None:
+                sums = self._read_sums[n] = torch.empty(-(-n // READ_CHUNK_FLOATS))
             threads, times = self._threads(threads, -1)
             status = self.library.cdll.rwkv7_read_pass(buffer.data_ptr(), n, sums.data_ptr(), threads, times)
         if status:

@@ -282,6 +282,22 @@ def test_cpu_step_bad_token_leaves_state_untouched():
                        kernel.step(torch.tensor([4, 5]), *tensors_of(state.clone())))
 
 
+def test_read_pass_takes_float32_buffers_of_any_length_and_refuses_others():
+    # The floor `bench step` prints beside every figure: a read of the step's bytes through the
+    # same threads and scheduler. Lengths that are not whole chunks, one after another (its
+    # per-chunk sums are kept per length), on one thread, two, and as ThreadTimes choose.
+    kernel = kernel_for(random_model(n_layer=2, n_embd=64))
+    chunk = cpu_step.READ_CHUNK_FLOATS
+    for n in (3 * chunk + 5, 1, 7 * chunk, 3 * chunk + 5):
+        buffer = torch.randn(n)
+        for threads in (1, 2, None):
+            assert kernel.read_pass(buffer, threads=threads) is None
+    with pytest.raises(CpuStepInputError, match="buffer: must be float32, contiguous"):
+        kernel.read_pass(torch.randn(chunk, dtype=torch.float64))
+    with pytest.raises(CpuStepInputError, match="buffer: must be float32, contiguous"):
+        kernel.read_pass(torch.randn(64, 64).t())
+
+
 @pytest.mark.parametrize("define", ["-DRWKV7_SCALAR", "-DRWKV7_NO_AVX512", "-DRWKV7_NO_THREADS"])
 @needs_cc
 def test_cpu_step_portable_builds_match(monkeypatch, define):
