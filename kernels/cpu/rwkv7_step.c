@@ -1336,11 +1336,9 @@ static void run_chosen(const Job *j, int32_t nthreads, ThreadTimes *times) {
 #ifdef RWKV7_THREADS
     if (times) {
         const int32_t threads = rwkv7_choose_threads(times, nthreads);
-        struct timespec start, end;
-        clock_gettime(CLOCK_MONOTONIC, &start);
+        const int64_t start = now_ns();
         run_job(j, threads);
-        clock_gettime(CLOCK_MONOTONIC, &end);
-        rwkv7_record_threads(times, threads, (double)(end.tv_sec - start.tv_sec) + 1e-9 * (double)(end.tv_nsec - start.tv_nsec));
+        rwkv7_record_threads(times, threads, 1e-9 * (double)(now_ns() - start));
         return;
     }
 #else
