@@ -46,9 +46,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
-from typing import Any
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +69,6 @@ SETTLE_TIMEOUT_S = 1.0
 # none after two changes in a row) is not waited for: each change then waits this long.
 FALLBACK_SETTLE_S = 0.02
 _MISSES_BEFORE_FALLBACK = 2
-# How long a closed JACK output waits before rtmidi frees what its process callback reads (a
-# cycle stalled on a loaded machine; see `close_rtmidi_client`).
-OUTPUT_CYCLE_DRAIN_S = 0.02
 _ACTIVATION_ROUND_TIMEOUT_S = 2.0
 # Two changes made back to back may straddle a cycle and come as two rounds of notifications:
 # after the first round, wait until none has come for this many periods (and at least
@@ -259,27 +254,6 @@ class JackServerWatch:
             process.wait()
         if process.stdout is not None:
             process.stdout.close()
-
-
-def close_rtmidi_client(client: Any, change: Callable[[], AbstractContextManager[object]]) -> None:
-    """Close an rtmidi MidiIn or MidiOut: its port, then the client, each as one change of the
-    graph inside `change()` (a JackServerWatch's `change`, or a caller's own that also covers a
-    missing watch or another API).
-
-    A JACK output also waits OUTPUT_CYCLE_DRAIN_S between the two: rtmidi's MidiOut frees its
-    ring buffer before it closes the JACK client, and a process cycle that began before the port
-    was gone may still read it (a crash: docs/reliability.md). The settle after the port's
-    closing saw the cycle after the unregistration begin; the wait lets it end. Every process
-    of the project that closes a client on JACK closes it here."""
-    import rtmidi  # not at the top: the watch's own child runs on the standard library only
-
-    with change():
-        with contextlib.suppress(rtmidi.RtMidiError):
-            client.close_port()
-    if isinstance(client, rtmidi.MidiOut) and client.get_current_api() == rtmidi.API_UNIX_JACK:
-        time.sleep(OUTPUT_CYCLE_DRAIN_S)
-    with change():
-        client.delete()
 
 
 def _watch(name: str) -> int:

@@ -97,7 +97,7 @@ from daemon.errors import (
     MidiPortError,
     PortNotFoundError,
 )
-from daemon.jack_watch import FALLBACK_SETTLE_S, JackServerWatch, close_rtmidi_client
+from daemon.jack_watch import FALLBACK_SETTLE_S, JackServerWatch
 from daemon.midi_events import (
     ALL_NOTES_OFF,
     ALL_SOUND_OFF,
@@ -140,6 +140,9 @@ _WARN_INTERVAL_S = 1.0
 _YIELD_EVERY = 8
 # After the JACK server went away: how often to look for it again.
 _RECONNECT_INTERVAL_S = 0.5
+# How long a closed JACK output waits before rtmidi frees what its process callback reads (a
+# cycle stalled on a loaded machine; see `_release`).
+_OUTPUT_CYCLE_DRAIN_S = 0.02
 # A lone SysEx end byte goes to our own input after this long without input (see above).
 _SYSEX_END_AFTER_S = 1.0
 # JACK has no hidden ports, so the guard's port is named to say it is internal: its full name is
@@ -455,8 +458,19 @@ class MidiPorts:
             midi_out, self._midi_out = self._midi_out, None
         sysex_end, self._sysex_end = self._sysex_end, None
         for client in (midi_in, midi_out, sysex_end):
-            if client is not None:
-                close_rtmidi_client(client, self._graph_change)
+            if client is None:
+                continue
+            with self._graph_change():
+                with contextlib.suppress(rtmidi.RtMidiError):
+                    client.close_port()
+            if isinstance(client, rtmidi.MidiOut) and self._api == rtmidi.API_UNIX_JACK:
+                # rtmidi's MidiOut frees its ring buffer before it closes the JACK client, and
+                # a process cycle that began before the port was gone may still read it (a
+                # crash: docs/reliability.md). The settle above saw the cycle after the
+                # unregistration begin; this lets it end.
+                time.sleep(_OUTPUT_CYCLE_DRAIN_S)
+            with self._graph_change():
+                client.delete()
 
     @contextlib.contextmanager
     def _graph_change(self) -> Iterator[None]:

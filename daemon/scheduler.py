@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from daemon.errors import SchedulerStoppedError
-from daemon.jack_watch import JackServerWatch, close_rtmidi_client
+from daemon.jack_watch import JackServerWatch
 from daemon.midi_events import (
     CONTROL_CHANGE,
     NOTE_OFF,
@@ -433,7 +433,9 @@ def record_arrivals_main() -> None:
                 continue
             if select.select([sys.stdin], [], [], 0.001)[0]:  # "stop", or the parent went away
                 break
-        close_rtmidi_client(midi_in, watch.change)
+        with watch.change():
+            midi_in.close_port()
+        midi_in.delete()
     print(json.dumps(arrivals), flush=True)
 
 
@@ -527,7 +529,7 @@ def measure_grid_timing(
             receiver.kill()
             receiver.wait()
         watch.settle(receiver_leaves)  # its client has left the graph
-        close_rtmidi_client(midi_out, watch.change)
+        midi_out.delete()
         watch.close()
     due_by_message = {msg: at for at, msg in expected}
     pairs = []

@@ -243,7 +243,7 @@ def _perform_on_jack(
     import rtmidi
 
     from daemon.config import load_daemon_settings
-    from daemon.jack_watch import JackServerWatch, close_rtmidi_client
+    from daemon.jack_watch import JackServerWatch
     from daemon.runner import BackgroundDaemon
     from daemon.scheduler import OutputScheduler
     from tools.cli import UserError
@@ -269,7 +269,7 @@ def _perform_on_jack(
         watch = stack.enter_context(JackServerWatch(f"demo-watch-{tag}"))
         with watch.change():
             player = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=f"demo-player-{tag}")
-        stack.callback(close_rtmidi_client, player, watch.change)
+        stack.callback(player.delete)
         target = f"{in_port}:{in_port}"
         ports = player.get_ports()
         if target not in ports:

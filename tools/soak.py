@@ -428,7 +428,7 @@ def soak_peer_main() -> None:
     and daemon.jack_watch only, and polls rtmidi's queue (no Python callback on JACK's thread)."""
     import rtmidi
 
-    from daemon.jack_watch import JackServerWatch, close_rtmidi_client
+    from daemon.jack_watch import JackServerWatch
     from daemon.midi_events import ArrivalStamper
 
     client, daemon_input, daemon_output = sys.argv[1:4]
@@ -471,7 +471,10 @@ def soak_peer_main() -> None:
                 print(json.dumps(arrivals), flush=True)
                 arrivals = []
         for port in (midi_in, midi_out):
-            close_rtmidi_client(port, watch.change)
+            with watch.change():
+                port.close_port()
+            with watch.change():
+                port.delete()
 
 
 def _print(r: SoakResult) -> None:
