@@ -95,6 +95,7 @@ class JackServerWatch:
         self._last_round = 0.0  # time.monotonic() when the last one was read
         self._quiet_s = _MIN_QUIET_S
         self._reports_rounds = True
+        self._server_sends_rounds = True  # as the child saw at its arrival
         self._misses_in_a_row = 0
         self.settle_timeouts = 0  # `settle` calls that saw no notification in time
 
@@ -160,7 +161,8 @@ class JackServerWatch:
         period_s = int(words[1]) / max(int(words[2]), 1)
         self._quiet_s = min(max(_MIN_QUIET_S, _QUIET_PERIODS * period_s), _MAX_QUIET_S)
         self._rounds, self._last_round = rest.count(_ROUND_MARK), time.monotonic()
-        self._reports_rounds, self._misses_in_a_row = words[3] == b"1", 0
+        self._server_sends_rounds = words[3] == b"1"
+        self._reports_rounds, self._misses_in_a_row = self._server_sends_rounds, 0
         if not self._reports_rounds:
             log.info("MIDI: the JACK server sends no graph-order notifications; each change of "
                      "the graph waits %.0f ms instead", FALLBACK_SETTLE_S * 1e3)
@@ -174,6 +176,12 @@ class JackServerWatch:
             yield
         finally:
             self.settle(mark)
+
+    def resume_settling(self) -> None:
+        """Wait for rounds of notifications again after changes that missed them for a reason
+        other than the server (a graph stuck on a client of ours: daemon.midi_ports), when the
+        server sent one at the child's arrival."""
+        self._reports_rounds, self._misses_in_a_row = self._server_sends_rounds, 0
 
     def graph_mark(self) -> int:
         """The number of rounds of graph notifications seen so far: take it before a change.

@@ -63,6 +63,10 @@ change is being handled. Without the waits the input's close crashed 1 run in 8 
 open/close cycles with both cores loaded (the latency notification of the guard's connection
 still under way); a change made by another program at that very moment can still set it off.
 
+After opening on JACK the input must hear a lone F7 from its own guard within 2 s; when it does
+not, a client of ours is stuck on a stale libjack futex (a race with another program's client:
+`_open_ports`), and the ports are closed and opened again (`stats.deaf_reopens`).
+
 Invalid bytes (truncated, stray data bytes, undefined status) are counted in `stats.invalid`
 and dropped; nothing raised while handling a message escapes the reader thread.
 
@@ -150,6 +154,10 @@ _SYSEX_END_AFTER_S = 1.0
 SYSEX_GUARD_SUFFIX = "(internal)"
 SYSEX_GUARD_PORT = "sysex-guard, do not connect"
 _SYSEX_END = [0xF7]
+# After opening on JACK: how long the input may take to hear its own guard, and how many times
+# the ports are opened before the daemon goes on with what it has (see `_input_hears_guard`).
+_GUARD_ECHO_TIMEOUT_S = 2.0
+_OPEN_ATTEMPTS = 3
 
 
 @dataclass
@@ -215,6 +223,7 @@ class MidiInputStats:
     server_lost: int = 0  # times the MIDI server (JACK) went away under the open ports
     reconnected: int = 0  # times the ports were reopened after that
     lost_output: int = 0  # messages sent while the server was away, dropped
+    deaf_reopens: int = 0  # JACK: times the opened input did not hear its own guard (opened again)
 
 
 @dataclass(frozen=True)
@@ -411,8 +420,7 @@ class MidiPorts:
             else:
                 log.warning("MIDI: the JACK watch did not start; a server that goes away will not be noticed")
         try:
-            self._open_output()
-            self._open_input()  # last: it wires the SysEx guard to the input (see _release)
+            self._open_ports()
         except BaseException:
             self._release()
             if self._watch is not None:
@@ -490,6 +498,63 @@ class MidiPorts:
             return
         with self._watch.change():
             yield
+
+    def _open_ports(self) -> None:
+        """Open the output, then the input (which wires the SysEx guard to it: see _release).
+
+        On JACK the input must then hear its own guard; when it does not, every client is
+        closed and the ports are opened again, up to `_OPEN_ATTEMPTS` times, after which the
+        ports stay as they are and the error is logged. Why: libjack keeps one table of
+        other clients' wake-up futexes per process. A client of another program that closes
+        while one of ours opens can leave its entry behind, mapped to a file the server has
+        since removed, and a client of ours opened later with the same number takes that
+        entry as its own: its process thread waits for ever on a futex nobody wakes. The
+        server then waits 5 s for it in each of the next cycles (the daemon, blocked in
+        libjack, with them), and the input, or the guard ahead of it, never runs again: a
+        deaf input. Seen after a server restart, while a program polled the new server
+        (`jack_wait`). Closing all of our clients empties that table.
+        """
+        for attempt in range(1, _OPEN_ATTEMPTS + 1):
+            self._open_output()
+            self._open_input()
+            if self._input_hears_guard():
+                return
+            self._stats.deaf_reopens += 1
+            if attempt == _OPEN_ATTEMPTS:
+                log.error("MIDI: the input did not hear its own SysEx guard after %d openings; going on, "
+                          "but it may be deaf (restart the daemon if the player is not heard)", attempt)
+                return
+            log.warning("MIDI: the input did not hear its own SysEx guard within %.0f s of opening "
+                        "(a stale JACK client); closing the ports and opening them again",
+                        _GUARD_ECHO_TIMEOUT_S)
+            self._release()
+            if self._watch is not None:
+                self._watch.resume_settling()  # the stuck graph sent no rounds meanwhile
+
+    def _input_hears_guard(self) -> bool:
+        """JACK: send a lone F7 from the SysEx guard and wait up to `_GUARD_ECHO_TIMEOUT_S` for
+        anything to arrive at the input; True when something did (a message of the player's
+        is handled as usual) or when there is nothing to check with (no guard, not JACK)."""
+        midi_in, guard = self._midi_in, self._sysex_end
+        if midi_in is None or guard is None:
+            return True
+        try:
+            guard.send_message(_SYSEX_END)
+        except rtmidi.RtMidiError:
+            return True
+        deadline = time.perf_counter() + _GUARD_ECHO_TIMEOUT_S
+        while True:
+            message = midi_in.get_message()
+            now = time.perf_counter()
+            if message is not None:
+                if message[0] == _SYSEX_END:
+                    self._stamper.stamp(message[1], now)
+                else:
+                    self._on_message(message, now)
+                return True
+            if now > deadline:
+                return False
+            time.sleep(_POLL_INTERVAL_S)
 
     def _open_input(self) -> None:
         cfg = self.config
@@ -703,15 +768,14 @@ class MidiPorts:
         while not self._stop_reading.wait(_RECONNECT_INTERVAL_S):
             if not self._watch.open():
                 continue  # no server yet
+            self._stamper = ArrivalStamper()  # the new client's delta times start afresh
             try:
-                self._open_output()
-                self._open_input()
+                self._open_ports()
             except MidiError as err:
                 log.warning("MIDI: a JACK server is back but the ports did not reopen (%s); trying again", err)
                 self._release()
                 self._watch.close()
                 continue
-            self._stamper = ArrivalStamper()  # the new client's delta times start afresh
             self._connected = True
             self._stats.reconnected += 1
             log.warning("MIDI: the JACK server is back; ports reopened: in %s, out %s",

@@ -69,6 +69,7 @@ def daemon_status(daemon: Daemon) -> dict[str, Any]:
         values["midi_connected"] = ports.connected
         values["midi_server_lost"] = midi.server_lost
         values["midi_reconnected"] = midi.reconnected
+        values["midi_deaf_reopens"] = midi.deaf_reopens
         values["midi_invalid"] = midi.invalid
         values["midi_lost_output"] = midi.lost_output
     if daemon.osc is not None:

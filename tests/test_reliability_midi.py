@@ -100,7 +100,9 @@ class DaemonProcess:
             if predicate(status):
                 return status
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; status: {status}")
+                raise AssertionError(
+                    f"timed out waiting for {what}; status: {status}\ndaemon log:\n{self.log_text()[-3000:]}"
+                )
             time.sleep(0.05)
 
     def rss_kib(self) -> int:
