@@ -547,10 +547,7 @@ class MidiPorts:
             message = midi_in.get_message()
             now = time.perf_counter()
             if message is not None:
-                if message[0] == _SYSEX_END:
-                    self._stamper.stamp(message[1], now)
-                else:
-                    self._on_message(message, now)
+                self._handle_received(message, now)
                 return True
             if now > deadline:
                 return False
@@ -747,11 +744,17 @@ class MidiPorts:
                 busy = now - last_message < _BUSY_AFTER_MESSAGE_S
                 self._stop_reading.wait(_POLL_INTERVAL_S if busy else _IDLE_POLL_INTERVAL_S)
                 continue
-            if message[0] == _SYSEX_END:
-                self._stamper.stamp(message[1], now)  # keeps the chain of delta times whole
-                continue
-            last_message = now
-            self._on_message(message, now)
+            if self._handle_received(message, now):
+                last_message = now
+
+    def _handle_received(self, message_and_delta: tuple[list[int], float], now: float) -> bool:
+        """Reader thread: one message from rtmidi's queue. The guard's lone F7 only extends the
+        chain of delta times; anything else is handled (`_on_message`). True for the latter."""
+        if message_and_delta[0] == _SYSEX_END:
+            self._stamper.stamp(message_and_delta[1], now)  # keeps the chain of delta times whole
+            return False
+        self._on_message(message_and_delta, now)
+        return True
 
     def _reopen_after_server_loss(self) -> None:
         """Reader thread: the JACK server is gone. Close the dead clients, wait for a server,
