@@ -16,23 +16,23 @@ cancelling the callback first frees the callback's data while a call may still b
 call into Python. The stamps do not suffer from the polling: they come from rtmidi's delta
 times, measured on its own thread at arrival (see daemon.midi_events.ArrivalStamper).
 
-Overflow policy of the incoming buffer (bounded, `queue_size`): when it is full the OLDEST
-event is dropped, counted in `stats.overflowed`, and a warning is logged (at most once a
-second). A consumer that fell that far behind is late anyway; keeping the newest events keeps
-the clock and the current bar right. The reader thread fills that buffer itself and wakes the
-event loop once per batch, not once per message: under a flood (20,000 messages a second
-measured) a wake-up per message queued callbacks on the loop faster than it ran them, without
-bound, and an OSC request waited behind them for most of a second. The consumer also yields
-to the loop every `_YIELD_EVERY` events it takes from a full buffer, so a backlog never keeps
-the other tasks (OSC, the ticker) waiting for longer than that many events take.
+Overflow policy of the incoming buffer (`daemon.input_queue.InputQueue`, bounded by
+`queue_size`): when it is full the OLDEST event is dropped, counted in `stats.overflowed`, and
+a warning is logged (at most once a second). A consumer that fell that far behind is late
+anyway; keeping the newest events keeps the clock and the current bar right. The reader thread
+fills that buffer itself and wakes the event loop once per batch, not once per message: under
+a flood (20,000 messages a second measured) a wake-up per message queued callbacks on the loop
+faster than it ran them, without bound, and an OSC request waited behind them for most of a
+second. The consumer also yields to the loop every `_YIELD_EVERY` events it takes from a full
+buffer, so a backlog never keeps the other tasks (OSC, the ticker) waiting for longer than that
+many events take.
 
-A release is never lost to an overflow: a dropped Note Off or sustain-pedal-up is kept aside
-(one per key and channel, so at most 16 x 129) and delivered before the next Note On of its key,
-or once the buffer has drained, so a flood cannot leave a key held down in the daemon's view (it
-would wait for ever for the player to stop). All Notes Off and All Sound Off (CC 123, CC 120)
-from the player release the keys it holds on that channel, and System Reset (FF) on every
-channel: the port delivers a Note Off for each before the controller itself, as a DAW's stop
-button means.
+A release is never lost to an overflow: the buffer keeps a dropped Note Off or sustain-pedal-up
+aside and delivers it before the next Note On of its key, or once it has drained, so a flood
+cannot leave a key held down in the daemon's view (it would wait for ever for the player to
+stop). All Notes Off and All Sound Off (CC 123, CC 120) from the player release the keys it
+holds on that channel, and System Reset (FF) on every channel: the port delivers a Note Off
+for each before the controller itself, as a DAW's stop button means.
 
 The JACK server going away (stopped, crashed, or dropping our clients) is noticed through
 libjack's shutdown callback on a small watch client of our own, in a child process
@@ -79,7 +79,6 @@ is never echoed back to its source, and not the control changes the daemon consu
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import logging
@@ -101,6 +100,7 @@ from daemon.errors import (
     MidiPortError,
     PortNotFoundError,
 )
+from daemon.input_queue import InputQueue
 from daemon.jack_watch import FALLBACK_SETTLE_S, JackServerWatch
 from daemon.midi_events import (
     ALL_NOTES_OFF,
@@ -383,14 +383,12 @@ class MidiPorts:
         self._midi_in: Any = None
         self._midi_out: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Reader thread -> event loop: a bounded buffer under a lock, and one wake-up per batch.
-        self._buffer: collections.deque[MidiEvent] = collections.deque()
-        self._buffer_lock = threading.Lock()
+        # Reader thread -> event loop: a bounded queue (a driver error ends it after the events
+        # before), and one wake-up per batch.
+        self._queue = InputQueue(config.queue_size)
+        self._wake_lock = threading.Lock()
         self._wake_pending = False
         self._available: asyncio.Event | None = None
-        self._failure: MidiError | None = None  # a driver error: ends the stream after the buffer
-        # Releases dropped by an overflow, owed to the consumer: (channel, note or -1 for the pedal).
-        self._owed: dict[tuple[int, int], MidiEvent] = {}
         self._held: dict[int, set[int]] = {}  # reader thread: channel -> keys down as sent to us
         self._watch: JackServerWatch | None = None
         self._connected = False
@@ -691,9 +689,7 @@ class MidiPorts:
         if self._available is None:
             raise MidiPortClosedError("MIDI ports are not open")
         while True:
-            with self._buffer_lock:
-                event = self._take()
-                failure = self._failure
+            event, failure = self._queue.take()
             if event is not None:
                 self._burst += 1
                 if self._burst >= _YIELD_EVERY:
@@ -837,11 +833,8 @@ class MidiPorts:
         if error_type in (rtmidi.ERRORTYPE_WARNING, rtmidi.ERRORTYPE_DEBUG_WARNING):
             log.warning("MIDI driver: %s", message)
             return
-        error = MidiPortError(self.config.connect_in or self.config.in_port, message)
         log.error("MIDI driver error: %s", message)
-        with self._buffer_lock:
-            if self._failure is None:
-                self._failure = error
+        self._queue.fail(MidiPortError(self.config.connect_in or self.config.in_port, message))
         self._wake()
 
     def _release_held(self, channel: int, time_: float) -> None:
@@ -849,33 +842,10 @@ class MidiPorts:
         for note in sorted(self._held.pop(channel, ())):
             self._push(NoteOff(channel, note, 0, time_))
 
-    def _take(self) -> MidiEvent | None:
-        """The next event for the consumer (buffer lock held): an owed release goes before a
-        Note On of its key, and the remaining ones once the buffer is empty."""
-        if self._buffer:
-            event = self._buffer[0]
-            if isinstance(event, NoteOn) and self._owed:
-                owed = self._owed.pop((event.channel, event.note), None)
-                if owed is not None:
-                    return owed
-            return self._buffer.popleft()
-        if self._owed:
-            key = next(iter(self._owed))
-            return self._owed.pop(key)
-        return None
-
     def _push(self, event: MidiEvent) -> None:
-        """Reader thread: buffer `event` with the drop-oldest overflow policy, wake the loop."""
-        dropped = False
-        with self._buffer_lock:
-            if len(self._buffer) >= self.config.queue_size:
-                oldest = self._buffer.popleft()
-                dropped = True
-                key = _release_key(oldest)
-                if key is not None:
-                    self._owed.pop(key, None)  # re-inserted last: the owed ones stay in time order
-                    self._owed[key] = oldest
-            self._buffer.append(event)
+        """Reader thread: queue `event` (the oldest is dropped when the queue is full), count,
+        wake the loop."""
+        dropped = self._queue.push(event)
         stats = self._stats
         stats.delivered += 1
         if dropped:
@@ -892,7 +862,7 @@ class MidiPorts:
 
     def _wake(self) -> None:
         """Any thread: make a waiting consumer look at the buffer; one call per batch."""
-        with self._buffer_lock:
+        with self._wake_lock:
             if self._wake_pending:
                 return
             self._wake_pending = True
@@ -906,20 +876,11 @@ class MidiPorts:
 
     def _on_wake(self) -> None:
         """Event loop thread."""
-        with self._buffer_lock:
+        with self._wake_lock:
             self._wake_pending = False
         if self._available is not None:
             self._available.set()
 
-
-
-def _release_key(event: MidiEvent) -> tuple[int, int] | None:
-    """(channel, note) of a Note Off, (channel, -1) of a sustain pedal release, else None."""
-    if isinstance(event, NoteOff):
-        return (event.channel, event.note)
-    if isinstance(event, ControlChange) and event.is_sustain and not event.pedal_down:
-        return (event.channel, -1)
-    return None
 
 
 __all__ = [
