@@ -513,6 +513,7 @@ class MidiPorts:
         (`jack_wait`). Closing all of our clients empties that table.
         """
         for attempt in range(1, _OPEN_ATTEMPTS + 1):
+            self._stamper = ArrivalStamper()  # a new input client's delta times start afresh
             self._open_output()
             self._open_input()
             if self._input_hears_guard():
@@ -767,7 +768,6 @@ class MidiPorts:
         while not self._stop_reading.wait(_RECONNECT_INTERVAL_S):
             if not self._watch.open():
                 continue  # no server yet
-            self._stamper = ArrivalStamper()  # the new client's delta times start afresh
             try:
                 self._open_ports()
             except MidiError as err:
