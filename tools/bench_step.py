@@ -10,7 +10,8 @@ rounds so that load from other work hits all of them alike:
   timed as the engine runs it: each round's tokens in one `weights_fixed` block (the parameters
   checked once on entry, not on every token);
 - a plain read pass over as many bytes as that kernel reads per token (a vectorised sum over a
-  buffer of that size, cut into the step's chunks and run by its threads and scheduler): the
+  buffer of that size, cut into the step's chunks and run by its scheduler), once on one
+  thread and once on torch's threads: the faster of the two in each round is the
   memory-bandwidth floor of the step, measured beside it;
 - the PyTorch step (RWKV7.step_torch) and the package;
 - llama.cpp's rwkv7 step on the same weights written as GGUF (f32, bf16, q8_0 for our fp32,
@@ -279,13 +280,19 @@ def llama_step(model, folder: Path, weights: str, n_ctx: int, ids: list[int]) ->
     return step
 
 
-def read_pass(kernel, nbytes: int) -> Callable[[int], None]:
-    """A step-shaped function that reads `nbytes` once per call with the kernel's threads and
-    scheduler (`CpuStepKernel.read_pass`): what a token that only read its weights would cost."""
+def read_passes(kernel, nbytes: int) -> list[Callable[[int], None]]:
+    """Step-shaped functions that read `nbytes` once per call with the kernel's scheduler
+    (`CpuStepKernel.read_pass`), one on a single thread and one on torch's threads (just one
+    when that is 1): what a token that only read its weights would cost. Both counts are fixed,
+    not left to the library's choice: a choice that settled on the slower count for a while
+    (it retries the other one only every 16th or 256th call) would make the floor slow."""
+    import torch
+
     from kernels.huge_pages import huge_page_floats
 
     buffer = huge_page_floats(max(1, nbytes // 4))  # on 2 MB pages, as the packed weights are
-    return lambda i: kernel.read_pass(buffer)
+    counts = sorted({1, max(1, torch.get_num_threads())})
+    return [lambda i, n=n: kernel.read_pass(buffer, threads=n) for n in counts]
 
 
 def measure_cpu_config(name: str, n_layer: int, n_embd: int,
@@ -344,8 +351,11 @@ def measure_cpu_config(name: str, n_layer: int, n_embd: int,
     for w, fn in llama.items():
         impls[f"llama_{w}"] = fn
     checked = list(impls)  # the step implementations, compared on the first tokens
+    reads: dict[str, list[str]] = {}  # format -> its read passes' keys
     for w, nbytes in res.bytes_per_token.items():
-        impls[f"read_{w}"] = read_pass(kernels[w], nbytes)
+        for n, fn in enumerate(read_passes(kernels[w], nbytes)):
+            impls[f"read{n}_{w}"] = fn
+            reads.setdefault(w, []).append(f"read{n}_{w}")
     for k in streams[1:]:
         impls[f"streams_{k}"] = kernel_step(kernels[args.target_weights], k)
         fixed[f"streams_{k}"] = kernels[args.target_weights]
@@ -380,6 +390,8 @@ def measure_cpu_config(name: str, n_layer: int, n_embd: int,
                 res.rounds_ms[key].append((time.perf_counter() - start) * 1e3 / args.tokens)
             pos += args.tokens
 
+    for w, keys in reads.items():  # the floor of each round: its faster read pass
+        res.rounds_ms[f"read_{w}"] = [min(times) for times in zip(*(res.rounds_ms.pop(k) for k in keys), strict=True)]
     res.ms_per_token = {key: statistics.median(v) for key, v in res.rounds_ms.items()}
 
     def ratio(a: str, b: str) -> float:
@@ -443,7 +455,8 @@ def print_cpu_table(report: dict, results: list[ConfigResult]) -> None:
             name = f"llama.cpp {LLAMA_TYPES[w]}"
             print(f"{r.config:<10} {name:<16} {ms[f'llama_{w}']:8.3f} {'':>22} {ms['package']:8.3f} "
                   f"{ms[f'llama_{w}'] / ms['package']:7.3f}   kernel {w} / llama.cpp {r.llama_ratio[w]:.3f}")
-    print("read = a plain pass over the same bytes (the bandwidth floor); x floor = kernel / read;"
+    print("read = a plain pass over the same bytes, the faster of 1 and all threads (the bandwidth floor);"
+          " x floor = kernel / read;"
           " ratio = kernel (or the row's step) / package")
     if any(r.streams_ratio for r in results):
         print()
