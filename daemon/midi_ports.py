@@ -137,8 +137,15 @@ _ALSA_SEQUENCER = "/dev/snd/seq"
 _POLL_INTERVAL_S = 0.001
 _IDLE_POLL_INTERVAL_S = 0.005
 _BUSY_AFTER_MESSAGE_S = 1.0
-# rtmidi's own queue between its driver thread and our reader thread.
-_RTMIDI_QUEUE_SIZE = 4096
+# rtmidi's own queue between its driver thread and our reader thread. When it is full rtmidi
+# drops the NEWEST message and only prints a line: a lost Note Off would leave a key held in
+# the daemon's view for ever (call_response then never answers). The overflow policy belongs to
+# InputQueue (oldest dropped, releases owed), so this ring is made large enough that a reader
+# thread slowed by the event loop under a flood overflows InputQueue, not rtmidi: with 4,096
+# entries, 20,000 events a second for 10 s (tests/test_reliability_midi.py) lost a release in
+# rtmidi in two runs of four on a 2-core machine, with the reader taking 10-13k events a
+# second. 2^17 entries are 6.5 s of that flood, 4 MB of ring (32 bytes an entry).
+_RTMIDI_QUEUE_SIZE = 1 << 17
 _WARN_INTERVAL_S = 1.0
 # The consumer lets other tasks run after this many events taken without waiting.
 _YIELD_EVERY = 8
