@@ -69,22 +69,15 @@ from daemon.engine_process import EngineProcess
 from daemon.errors import ClockError, DaemonError, MidiError, SchedulerStoppedError
 from daemon.exit_watchdog import exit_watchdog
 from daemon.midi_ports import MidiPorts
+from daemon.model_swap import ModelSwap
 from daemon.modes import Answer, AnswerAt, Decision, ModeMachine, TakeOver
 from daemon.mqtt_bridge import MqttBridge
 from daemon.osc_server import OscServer, status_arguments
-from daemon.reload import (
-    CheckpointWatcher,
-    FileSignature,
-    LoadedModel,
-    ReloadError,
-    load_compatible,
-    resolve_reload_path,
-)
+from daemon.reload import FileSignature, ReloadError, resolve_reload_path
 from daemon.scheduler import OutputScheduler, short_switch_interval
 from daemon.status import DaemonStats, daemon_status
 from daemon.styles import StyleLibrary
 from daemon.subscribers import FLUSH_INTERVAL_S, SubscriberSet
-from model.checkpoint import CheckpointMeta
 from model.remi_grammar import DecodedNote, DecodedPedal
 from model.sampling import SamplingSettings
 
@@ -164,9 +157,9 @@ class Daemon:
         self.settings = settings
         self.controls: Controls = settings.initial_controls()
         self.stats = DaemonStats()
-        self.checkpoint_path = Path(settings.daemon.checkpoint)
+        self.swap = ModelSwap(Path(settings.daemon.checkpoint), self.stats,
+                              publish=self._publish, status_changed=self._status_changed)
         self.styles = StyleLibrary(settings.daemon.styles_dir, settings.daemon.checkpoint)
-        self.last_reload_error: str | None = None
         self._channel = settings.daemon.output_channel - 1
         self._latency = settings.midi.output_latency
         self.cc = CcMap(settings.cc)  # the learned bindings are added when the daemon opens
@@ -180,16 +173,11 @@ class Daemon:
         self._note_ends: dict[int, float] = {}  # pitch -> when our latest note of it ends
         self._live: dict[int, _LiveAnswer] = {}
         self.recent_answers: collections.deque[AnswerRecord] = collections.deque(maxlen=RECENT_ANSWERS)
-        self._pending_swap: tuple[LoadedModel, int] | None = None
-        self._reload_lock = asyncio.Lock()
         self._origin = 0.0  # clock beat of the encoder's time 0 (a bar line)
         self._last_log: dict[str, float] = {}
         self._closing = False  # shutting down: nothing new goes to the engine thread
         self._tasks: list[asyncio.Task[Any]] = []
         self.engine: EngineProcess | None = None
-        # The model the event loop knows is playing: the engine thread swaps its own reference
-        # first, and status must not show the new id before the swap is complete.
-        self.playing_meta: CheckpointMeta | None = None
         self.encoder: enc.OnlineEncoder | None = None
         self.clock: Clock | None = None
         self.machine: ModeMachine | None = None
@@ -197,11 +185,6 @@ class Daemon:
         self.scheduler: OutputScheduler | None = None
         self.osc: OscServer | None = None
         self.mqtt: MqttBridge | None = None
-        self.watcher: CheckpointWatcher | None = None
-
-    @property
-    def pending_swap(self) -> tuple[LoadedModel, int] | None:
-        return self._pending_swap
 
     @property
     def live_answers(self) -> dict[int, _LiveAnswer]:
@@ -232,8 +215,9 @@ class Daemon:
 
         cfg = self.settings.daemon
         self._loop = asyncio.get_running_loop()
-        if not self.checkpoint_path.is_file():
-            raise CheckpointMissingError(self.checkpoint_path)
+        checkpoint = self.swap.checkpoint_path
+        if not checkpoint.is_file():
+            raise CheckpointMissingError(checkpoint)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         device = resolve_device(cfg.device)
@@ -241,18 +225,18 @@ class Daemon:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rwkv-engine")
         self._executor = executor
         stack.callback(executor.shutdown, wait=True, cancel_futures=True)
-        signature = FileSignature.of(self.checkpoint_path)
+        signature = FileSignature.of(checkpoint)
         self.engine = await self._in_engine(functools.partial(
-            EngineProcess, self.checkpoint_path, device=device, history_tokens=cfg.history_tokens,
+            EngineProcess, checkpoint, device=device, history_tokens=cfg.history_tokens,
             threads=cfg.threads, niceness=cfg.engine_niceness, weights=cfg.weights,
         ))
         stack.callback(self._close_engine)
-        self.playing_meta = self.engine.meta
 
         clock = make_clock(self.settings.clock)
         if isinstance(clock, LinkClock):
             await stack.enter_async_context(clock)
         self.clock = clock
+        watcher = self.swap.start(self.engine, clock, self._submit, self._from_engine, cfg.watch_interval_s, signature)
         self._restart_encoder(0.0, flush=False)
         self.machine = ModeMachine(
             clock,
@@ -276,15 +260,13 @@ class Daemon:
             self.mqtt = await stack.enter_async_context(MqttBridge(self.settings.mqtt, self.execute))
         self.subscribers = SubscriberSet(self.osc.send_to, self.settings.osc.prefix)
 
-        self.watcher = CheckpointWatcher(self.checkpoint_path, cfg.watch_interval_s, self._on_checkpoint_changed)
-        self.watcher.mark_seen(self.checkpoint_path, signature)
         self._tasks = [
             asyncio.create_task(self._tick_forever(), name="daemon-ticker"),
             asyncio.create_task(self._read_input(), name="daemon-input"),
             asyncio.create_task(self._feed_subscribers(), name="daemon-subscribers"),
         ]
         if cfg.watch:
-            self._tasks.append(asyncio.create_task(self.watcher.run(), name="checkpoint-watcher"))
+            self._tasks.append(asyncio.create_task(watcher.run(), name="checkpoint-watcher"))
         stack.push_async_callback(self._cancel_tasks)
         # A full collection holds the interpreter lock while it walks every object, tens to
         # hundreds of ms with torch and miditok loaded on a busy machine: the scheduler thread
@@ -328,7 +310,7 @@ class Daemon:
 
     @property
     def model_id(self) -> str:
-        return self.playing_meta.model_id if self.playing_meta is not None else ""
+        return self.swap.model_id
 
     @property
     def osc_address(self) -> tuple[str, int]:
@@ -366,8 +348,8 @@ class Daemon:
             await self._reload_command(command)
         elif isinstance(command, Style):
             if command.name is None:
-                return {"styles": self.styles.names(), "style": self.styles.name_of(self.checkpoint_path)}
-            await self._load_for_swap(self.styles.path_of(command.name), origin="request")
+                return {"styles": self.styles.names(), "style": self.styles.name_of(self.swap.checkpoint_path)}
+            await self.swap.load(self.styles.path_of(command.name), origin="request")
         self._status_changed()
         return None
 
@@ -453,90 +435,17 @@ class Daemon:
     async def _reload_command(self, command: Reload) -> None:
         """A reload from OSC/MQTT: resolve and confine the path, load and check, swap later."""
         cfg = self.settings.daemon
-        path = self.checkpoint_path
+        path = self.swap.checkpoint_path
         if command.path is not None:
             try:
                 path = resolve_reload_path(command.path, cfg.checkpoint, cfg.reload_dirs)
             except ReloadError as err:
-                self._refused(err, "request")
+                self.swap.refused(err, "request")
                 raise
         if command.model_id is not None and command.model_id == self.model_id:
             log.info("checkpoint %s announced with the model already playing (%s)", path, self.model_id)
             return
-        await self._load_for_swap(path, origin="request")
-
-    async def _on_checkpoint_changed(self, path: Path) -> None:
-        with contextlib.suppress(ReloadError):  # already logged and reported
-            await self._load_for_swap(path, origin="watch")
-
-    async def _load_for_swap(self, path: Path, *, origin: str) -> None:
-        """Load `path` in a worker thread; on success it is swapped in at the next bar line.
-
-        Raises ReloadError (logged, counted; the running model stays)."""
-        engine = self.engine
-        assert engine is not None
-        async with self._reload_lock:
-            try:
-                loaded = await asyncio.to_thread(
-                    load_compatible,
-                    path,
-                    vocab_hash=engine.meta.vocab_hash,
-                    vocab_size=engine.vocab_size,
-                    device="cpu",  # only checked here; the engine process loads it again to play
-                )
-            except ReloadError as err:
-                self._refused(err, origin)
-                raise
-        if self.watcher is not None:
-            self.watcher.mark_seen(path, loaded.signature)
-        if loaded.meta.model_id == self.model_id and self._pending_swap is None:
-            log.info("%s holds the model already playing (%s); nothing to swap", path, self.model_id)
-            self.checkpoint_path = path
-            return
-        bar = self.clock.bar_index(self._now_beat()) if self.clock is not None else 0
-        self._pending_swap = (loaded, bar)
-        log.info("model %s (step %d) loaded from %s; swapping in at the next bar line",
-                 loaded.meta.model_id, loaded.meta.step, path)
-
-    def _refused(self, err: ReloadError, origin: str) -> None:
-        """Log and count a refused reload. A request's sender gets the error as its reply (OSC)
-        or as an error event (MQTT bridge); a change the watcher saw gets an event here."""
-        self.stats.reload_errors += 1
-        self.last_reload_error = str(err)
-        log.error("%s (%s); model %s keeps playing", err, origin, self.model_id)
-        if origin != "request":
-            self._publish("error", reason=str(err), path=err.path, source=origin)
-        self._status_changed()
-
-    def _maybe_swap(self, beat: float) -> None:
-        if self._pending_swap is None or self.clock is None:
-            return
-        loaded, bar = self._pending_swap
-        if self.clock.bar_index(beat) <= bar:
-            return
-        self._pending_swap = None
-        future = self._submit(self.engine.swap_checkpoint, "swap", loaded.path, loaded.meta.model_id)
-        future.add_done_callback(self._from_engine(functools.partial(self._swapped, loaded, beat)))
-
-    def _swapped(self, loaded: LoadedModel, beat: float, future: Future) -> None:
-        try:
-            future.result()
-        except Exception as err:  # noqa: BLE001 - the old state is gone only if swap_model got far
-            self.stats.reload_errors += 1
-            self.last_reload_error = f"swap failed: {err}"
-            log.exception("swapping in %s failed", loaded.path)
-            self._publish("error", reason=self.last_reload_error, path=str(loaded.path))
-            return
-        self.playing_meta = loaded.meta
-        self.stats.reloads += 1
-        self.stats.last_swap_beat = round(beat, 4)
-        self.last_reload_error = None
-        self.checkpoint_path = loaded.path
-        if self.watcher is not None:
-            self.watcher.mark_seen(loaded.path, loaded.signature)
-        log.info("model %s (step %d) from %s is playing now", loaded.meta.model_id, loaded.meta.step, loaded.path)
-        self._publish("model_reloaded", model_id=loaded.meta.model_id, step=loaded.meta.step, path=str(loaded.path))
-        self._status_changed()
+        await self.swap.load(path, origin="request")
 
     # ------------------------------------------------------------------------------ time
 
@@ -598,7 +507,7 @@ class Daemon:
         if target > encoder.watermark_beats:
             self._feed(encoder.advance(target))
         self._apply(self.machine.advance(beat))
-        self._maybe_swap(beat)
+        self.swap.at_beat(beat)
         self._forget_finished()
 
     async def _feed_subscribers(self) -> None:

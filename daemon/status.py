@@ -54,12 +54,12 @@ def daemon_status(daemon: Daemon) -> dict[str, Any]:
         values["bar"] = clock.bar_index(beat)
     values["model_id"] = daemon.model_id
     if daemon.engine is not None:
-        values["model_step"] = daemon.playing_meta.step if daemon.playing_meta is not None else None
+        values["model_step"] = daemon.swap.playing.step if daemon.swap.playing is not None else None
         values["device"] = str(daemon.engine.device)
-    values["checkpoint"] = str(daemon.checkpoint_path)
-    values["style"] = daemon.styles.name_of(daemon.checkpoint_path)
-    values["reload_pending"] = daemon.pending_swap is not None
-    values["last_reload_error"] = daemon.last_reload_error
+    values["checkpoint"] = str(daemon.swap.checkpoint_path)
+    values["style"] = daemon.styles.name_of(daemon.swap.checkpoint_path)
+    values["reload_pending"] = daemon.swap.pending is not None
+    values["last_reload_error"] = daemon.swap.last_error
     if ports is not None:
         values["midi_api"] = ports.api_name
         values["in_port"] = ports.input_description

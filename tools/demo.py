@@ -374,7 +374,7 @@ class _ArrivalRecorder:
 
 
 def _model_description(daemon: Daemon) -> str:
-    meta, model_id = daemon.playing_meta, daemon.model_id
+    meta, model_id = daemon.swap.playing, daemon.model_id
     if meta is None:
         return model_id
     cfg = meta.model_config
