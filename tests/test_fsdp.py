@@ -57,8 +57,9 @@ for step in range(data.shape[0]):
 weights = {{n: full(p.detach()).clone() for n, p in model.named_parameters()}}
 if rank == 0:
     torch.save({{"grads": grads, "weights": weights}}, out)
-if world > 1:
-    dist.destroy_process_group()
+if world > 1:  # as train.loop.distributed_cleanup: a rank that tore gloo down while the other
+    dist.barrier()  # still used it (rank 0 saving) aborted with "terminate called without an
+    dist.destroy_process_group()  # active exception" on a loaded machine
 """
 
 
