@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import functools
 import gc
 import logging
@@ -44,6 +43,7 @@ from typing import Any
 
 from daemon import encoder as enc
 from daemon import midi_events
+from daemon.answer_output import AnswerOutput, LiveAnswer
 from daemon.cc_learned import learned_path, read_learned, write_learned
 from daemon.cc_map import CcBinding, CcMap
 from daemon.clock import Clock, ClockEvent, LinkClock, TempoChanged, TransportChanged, make_clock
@@ -66,7 +66,7 @@ from daemon.controls import (
     Unsubscribe,
 )
 from daemon.engine_process import EngineProcess
-from daemon.errors import ClockError, DaemonError, MidiError, SchedulerStoppedError
+from daemon.errors import ClockError, DaemonError, MidiError
 from daemon.exit_watchdog import exit_watchdog
 from daemon.midi_ports import MidiPorts
 from daemon.model_swap import ModelSwap
@@ -124,22 +124,6 @@ class AnswerRecord:
 RECENT_ANSWERS = 256
 
 
-@dataclass(eq=False)
-class _LiveAnswer:
-    """An answer from its decision until its last bar is over."""
-
-    answer: Answer
-    start_time: float  # perf_counter of its first bar line
-    end_time: float
-    stop: threading.Event
-    future: Future | None = None
-    notes: int = 0
-    dropped: int = 0
-    pedal_down: bool = False
-    first_note_at: float | None = None
-    scheduled: list[tuple[float, midi_events.MidiBytes]] = dataclasses.field(default_factory=list)
-
-
 class Daemon:
     """The running service, as an async context manager.
 
@@ -169,9 +153,7 @@ class Daemon:
         self._stack: contextlib.AsyncExitStack | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._output_lock = threading.Lock()  # scheduling vs stopping an answer
-        self._note_ends: dict[int, float] = {}  # pitch -> when our latest note of it ends
-        self._live: dict[int, _LiveAnswer] = {}
+        self._live: dict[int, LiveAnswer] = {}
         self.recent_answers: collections.deque[AnswerRecord] = collections.deque(maxlen=RECENT_ANSWERS)
         self._origin = 0.0  # clock beat of the encoder's time 0 (a bar line)
         self._last_log: dict[str, float] = {}
@@ -183,11 +165,12 @@ class Daemon:
         self.machine: ModeMachine | None = None
         self.ports: MidiPorts | None = None
         self.scheduler: OutputScheduler | None = None
+        self.output: AnswerOutput | None = None
         self.osc: OscServer | None = None
         self.mqtt: MqttBridge | None = None
 
     @property
-    def live_answers(self) -> dict[int, _LiveAnswer]:
+    def live_answers(self) -> dict[int, LiveAnswer]:
         return self._live
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -253,6 +236,7 @@ class Daemon:
         self.scheduler = stack.enter_context(
             OutputScheduler(self._send_output, realtime_priority=cfg.output_priority)
         )
+        self.output = AnswerOutput(self.scheduler, clock, self._channel, self._latency, self._late_s)
         stack.callback(self._final_silence)
 
         self.osc = await stack.enter_async_context(OscServer.from_config(self.settings.osc, self.execute))
@@ -617,7 +601,7 @@ class Daemon:
             log.warning("answer %d not played: %s", answer.id, err)
             self.machine.finished(answer.id)  # type: ignore[union-attr]
             return
-        live = _LiveAnswer(answer, start, end, threading.Event())
+        live = LiveAnswer(answer, start, end, threading.Event())
         self._live[answer.id] = live
         self.stats.answers += 1
         c = self.controls
@@ -627,7 +611,7 @@ class Daemon:
         log.info("answer %d: %d bar(s) from bar %d (%s), %.0f ms ahead",
                  answer.id, answer.bars, answer.bar, answer.reason, (start - time.perf_counter()) * 1000)
 
-    def _generate(self, live: _LiveAnswer, settings: Any, seed: int) -> Any:
+    def _generate(self, live: LiveAnswer, settings: Any, seed: int) -> Any:
         """In the engine thread."""
         if live.stop.is_set():
             return None
@@ -639,74 +623,29 @@ class Daemon:
             should_stop=live.stop.is_set,
         )
 
-    def _on_generated(self, live: _LiveAnswer, variation: int, event: Any) -> None:
+    def _on_generated(self, live: LiveAnswer, variation: int, event: Any) -> None:
         """In the engine thread: schedule a decoded note (or pedal move) as soon as it exists."""
-        if variation != 0 or live.stop.is_set():
+        output = self.output
+        if variation != 0 or live.stop.is_set() or output is None:
             return
-        answer, clock, scheduler = live.answer, self.clock, self.scheduler
-        assert clock is not None and scheduler is not None
-        if isinstance(event, DecodedNote):
-            start_beat = answer.start_beat + event.start_beats
-            if start_beat >= answer.end_beat:
-                return
-            # An answer lasts its bars: a note still sounding at the end is released there.
-            end_beat = min(start_beat + event.duration_beats, answer.end_beat)
-            try:  # sent early by the output latency, so that they sound on time
-                on = clock.time_at(start_beat) - self._latency.seconds(event.velocity)
-                off = clock.time_at(end_beat) - self._latency.seconds()
-            except ClockError:
-                return
-            now = time.perf_counter()
-            if on < now - self._late_s:
-                live.dropped += 1
-                self.stats.late_dropped += 1
-                return
-            ch, pitch = self._channel, event.pitch
-            with self._output_lock:
-                if live.stop.is_set():
-                    return
-                messages: list[tuple[float, midi_events.MidiBytes]] = []
-                previous_end = self._note_ends.get(pitch)
-                if previous_end is not None and previous_end > on:
-                    # The pitch still sounds: end it before striking it again, and end the new
-                    # note no later than the old one's pending note-off (which would cut it).
-                    messages.append((on, midi_events.note_off(ch, pitch)))
-                    off = min(off, previous_end)
-                    self._note_ends[pitch] = previous_end
-                else:
-                    self._note_ends[pitch] = off
-                messages.append((on, midi_events.note_on(ch, pitch, max(1, min(127, event.velocity)))))
-                messages.append((off, midi_events.note_off(ch, pitch)))
-                try:
-                    scheduler.schedule_many(messages)
-                except SchedulerStoppedError:
-                    return
-                live.scheduled += messages
+        if isinstance(event, DecodedPedal):
+            output.place_pedal(live, event)
+            return
+        if not isinstance(event, DecodedNote):
+            return
+        placed = output.place_note(live, event)
+        if placed == "late":
+            live.dropped += 1
+            self.stats.late_dropped += 1
+        elif placed == "scheduled":
             live.notes += 1
             self.stats.notes_scheduled += 1
             if live.first_note_at is None:
+                now = time.perf_counter()
                 live.first_note_at = now
                 self.stats.ready_before_bar_ms = round((live.start_time - now) * 1000.0, 3)
-        elif isinstance(event, DecodedPedal):
-            beat = answer.start_beat + event.beats
-            if beat >= answer.end_beat:
-                return
-            try:
-                at = clock.time_at(beat) - self._latency.seconds()
-            except ClockError:
-                return
-            message = midi_events.control_change(self._channel, midi_events.SUSTAIN_PEDAL, 127 if event.down else 0)
-            with self._output_lock:
-                if live.stop.is_set():
-                    return
-                try:
-                    scheduler.schedule(at, message)
-                except SchedulerStoppedError:
-                    return
-                live.scheduled.append((at, message))
-                live.pedal_down = event.down
 
-    def _answer_done(self, live: _LiveAnswer, future: Future) -> None:
+    def _answer_done(self, live: LiveAnswer, future: Future) -> None:
         """On the loop: the generation of `live` ended (complete, stopped or failed)."""
         try:
             completion = future.result()
@@ -725,10 +664,8 @@ class Daemon:
             live.answer.id, live.answer.bar, live.answer.bars, live.notes, live.dropped, completion.stopped,
             ready, self.stats.generation_ms, tuple(live.scheduled), live.start_time,
         ))
-        if live.pedal_down and not live.stop.is_set() and self.scheduler is not None:
-            pedal_up = midi_events.control_change(self._channel, midi_events.SUSTAIN_PEDAL, 0)
-            with self._output_lock, contextlib.suppress(SchedulerStoppedError):
-                self.scheduler.schedule(live.end_time - self._latency.seconds(), pedal_up)
+        if live.pedal_down and self.output is not None:
+            self.output.release_pedal(live)
         log.info("answer %d: %d notes (%d too late), %.0f ms to generate%s", live.answer.id, live.notes,
                  live.dropped, completion.seconds * 1000, ", stopped" if completion.stopped else "")
         self._publish(
@@ -771,22 +708,12 @@ class Daemon:
             self._cancel_pending()
 
     def _cancel_pending(self) -> None:
-        """Drop every pending message except the note-offs of notes that sound."""
-        scheduler = self.scheduler
-        if scheduler is None or not scheduler.running:
-            return
-        with self._output_lock:
-            scheduler.cancel_after(time.perf_counter())
-            sounding = {note for channel, note in scheduler.sounding_notes if channel == self._channel}
-            self._note_ends = {p: end for p, end in self._note_ends.items() if p in sounding}
+        if self.output is not None:
+            self.output.cancel_pending()
 
     def _silence(self, extra_channels: Iterable[int] = ()) -> None:
-        """Cancel all pending output and send note-offs (+ All Notes Off) now."""
-        if self.scheduler is None or not self.scheduler.running:
-            return
-        with self._output_lock:
-            self.scheduler.stop_all(extra_channels)
-            self._note_ends.clear()
+        if self.output is not None:
+            self.output.silence(extra_channels)
 
     # ------------------------------------------------------------------------------ output
 
