@@ -9,6 +9,7 @@ and a cancel never runs between a note's note-on and its note-off being schedule
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -122,13 +123,10 @@ class AnswerOutput:
     def release_pedal(self, live: LiveAnswer) -> None:
         """Loop: `live` ended with the pedal down; lift it at the answer's end."""
         pedal_up = midi_events.control_change(self.channel, midi_events.SUSTAIN_PEDAL, 0)
-        with self._lock:
-            if live.stop.is_set():
-                return
-            try:
+        # A scheduler that stopped (shutting down) has silenced everything already.
+        with self._lock, contextlib.suppress(SchedulerStoppedError):
+            if not live.stop.is_set():
                 self.scheduler.schedule(live.end_time - self.latency.seconds(), pedal_up)
-            except SchedulerStoppedError:
-                pass
 
     def cancel_pending(self) -> None:
         """Drop every pending message except the note-offs of notes that sound."""
