@@ -8,9 +8,10 @@ of its own, the MIDI reader a third. How the parts connect
 
 - Input: each MIDI event from the player is stamped at arrival and converted to beats by the
   clock; notes and the sustain pedal go to the online encoder, notes also to the mode machine.
-- A ticker (every TICK_S) advances the encoder to a little before now (ENCODER_LAG_S: events
-  still on their way to the loop must not arrive behind the encoder's watermark), so tokens
-  become final as time passes; final ids go to `Engine.feed` in the engine thread, in order.
+- A ticker (every TICK_S) advances the encoder to a little before now
+  (`daemon.conversation_feed`: events still on their way to the loop must not arrive behind
+  the encoder's watermark), so tokens become final as time passes; final ids go to
+  `Engine.feed` in the engine thread, in order.
   The ticker also advances the mode machine, and swaps in a reloaded model at a bar line.
 - Decisions: "answer at bar N" starts `Engine.generate` in the engine thread `lead_ms` before
   the bar line; each decoded note is scheduled as it is drawn at `clock.time_at(bar beat +
@@ -65,6 +66,7 @@ from daemon.controls import (
     Unlearn,
     Unsubscribe,
 )
+from daemon.conversation_feed import ConversationFeed
 from daemon.engine_process import EngineProcess
 from daemon.errors import ClockError, DaemonError, MidiError
 from daemon.exit_watchdog import exit_watchdog
@@ -84,9 +86,6 @@ from model.sampling import SamplingSettings
 log = logging.getLogger(__name__)
 
 TICK_S = 0.005
-# The encoder runs this far behind now: an event is stamped at arrival but reaches the loop
-# a little later (reader thread poll, hand-over), and must not land behind the watermark.
-ENCODER_LAG_S = 0.015
 # At most one log line per this many seconds for a failure that repeats every tick.
 _LOG_EVERY_S = 5.0
 # Closing everything (notes off, engine process, ports, servers) takes well under a second; past
@@ -155,12 +154,11 @@ class Daemon:
         self._executor: ThreadPoolExecutor | None = None
         self._live: dict[int, LiveAnswer] = {}
         self.recent_answers: collections.deque[AnswerRecord] = collections.deque(maxlen=RECENT_ANSWERS)
-        self._origin = 0.0  # clock beat of the encoder's time 0 (a bar line)
         self._last_log: dict[str, float] = {}
         self._closing = False  # shutting down: nothing new goes to the engine thread
         self._tasks: list[asyncio.Task[Any]] = []
         self.engine: EngineProcess | None = None
-        self.encoder: enc.OnlineEncoder | None = None
+        self.feed: ConversationFeed | None = None
         self.clock: Clock | None = None
         self.machine: ModeMachine | None = None
         self.ports: MidiPorts | None = None
@@ -220,7 +218,7 @@ class Daemon:
             await stack.enter_async_context(clock)
         self.clock = clock
         watcher = self.swap.start(self.engine, clock, self._submit, self._from_engine, cfg.watch_interval_s, signature)
-        self._restart_encoder(0.0, flush=False)
+        self.feed = ConversationFeed(self.engine.tokenizer, clock, self.stats, self._feed_engine)
         self.machine = ModeMachine(
             clock,
             mode=self.controls.mode,
@@ -284,6 +282,8 @@ class Daemon:
     def _final_silence(self) -> None:
         """Shutdown: stop every answer and silence the output before the ports close."""
         self._closing = True
+        if self.feed is not None:
+            self.feed.stop()
         if self.machine is not None:
             self._end_answers(self.machine.stop_all(self._now_beat()), output=False, reason="shutdown")
         for live in self._live.values():
@@ -402,11 +402,11 @@ class Daemon:
 
     def _reset(self) -> None:
         """Forget the conversation: stop answers, fresh encoder from this bar, fresh state."""
-        assert self.machine is not None and self.clock is not None
+        assert self.machine is not None and self.clock is not None and self.feed is not None
         beat = self._now_beat()
         self._end_answers(self.machine.stop_all(beat), output=False, reason="reset")
         self._silence()
-        self._restart_encoder(self.clock.bar_start_beat(self.clock.bar_index(beat)), flush=False)
+        self.feed.restart(self.clock.bar_start_beat(self.clock.bar_index(beat)), flush=False)
         self._submit(self.engine.reset, "reset")
         log.info("conversation reset")
 
@@ -447,29 +447,17 @@ class Daemon:
     def _on_clock_event(self, event: ClockEvent) -> None:
         if isinstance(event, TempoChanged):
             self._update_leads()
-            self._encode(enc.TempoChange, event.beat, qpm=event.bpm)
+            self._hear(enc.TempoChange, event.beat, qpm=event.bpm)
             with contextlib.suppress(DaemonError):  # a MIDI clock may run outside the control's range
                 self.controls = self.controls.apply(SetParam("tempo", round(event.bpm, 3)))
         elif isinstance(event, TransportChanged):
-            assert self.clock is not None and self.machine is not None
+            assert self.clock is not None and self.machine is not None and self.feed is not None
             self._end_answers(self.machine.stop_all(event.beat), output=False, reason="transport moved")
             self._silence()
             self.machine.forget_activity()  # the beats jumped: old activity times mean nothing
             if event.running:
-                self._restart_encoder(self.clock.bar_start_beat(self.clock.bar_index(event.beat)), flush=True)
+                self.feed.restart(self.clock.bar_start_beat(self.clock.bar_index(event.beat)), flush=True)
             log.info("transport %s at beat %.2f", "running" if event.running else "stopped", event.beat)
-
-    def _restart_encoder(self, origin: float, *, flush: bool) -> None:
-        """A new encoder whose time 0 is the bar line at clock beat `origin`."""
-        assert self.clock is not None
-        if flush and self.encoder is not None:
-            with contextlib.suppress(enc.EncoderError):
-                self._feed(self.encoder.flush())
-        meter = self.clock.meter
-        self.encoder = enc.OnlineEncoder(
-            self.engine.tokenizer, tempo=self.clock.tempo, meter=(meter.numerator, meter.denominator)
-        )
-        self._origin = origin
 
     # ------------------------------------------------------------------------------ background
 
@@ -482,14 +470,12 @@ class Daemon:
             await asyncio.sleep(TICK_S)
 
     def _tick(self) -> None:
-        clock, encoder = self.clock, self.encoder
-        assert clock is not None and encoder is not None and self.machine is not None
+        clock, feed = self.clock, self.feed
+        assert clock is not None and feed is not None and self.machine is not None
         if not clock.running:
             return
         beat = clock.beat_at(time.perf_counter())
-        target = beat - ENCODER_LAG_S * clock.tempo / 60.0 - self._origin
-        if target > encoder.watermark_beats:
-            self._feed(encoder.advance(target))
+        feed.advance(beat)
         self._apply(self.machine.advance(beat))
         self.swap.at_beat(beat)
         self._forget_finished()
@@ -542,39 +528,27 @@ class Daemon:
             beat = clock.beat_at(event.time)
             self.stats.input_notes += 1
             self._watched("player", event.note, event.velocity, beat)
-            self._encode(enc.NoteOn, beat, pitch=event.note, velocity=event.velocity)
+            self._hear(enc.NoteOn, beat, pitch=event.note, velocity=event.velocity)
             self._apply(machine.note_on(event.note, beat))
         elif isinstance(event, midi_events.NoteOff):
             beat = clock.beat_at(event.time)
             self._watched("player", event.note, 0, beat)
-            self._encode(enc.NoteOff, beat, pitch=event.note)
+            self._hear(enc.NoteOff, beat, pitch=event.note)
             self._apply(machine.note_off(event.note, beat))
         elif isinstance(event, midi_events.ControlChange) and event.is_sustain:
-            self._encode(enc.SustainPedal, clock.beat_at(event.time), down=event.pedal_down)
+            self._hear(enc.SustainPedal, clock.beat_at(event.time), down=event.pedal_down)
 
     def _watched(self, who: str, pitch: int, velocity: int, beat: float) -> None:
         if self.subscribers is not None:
             self.subscribers.note(who, pitch, velocity, beat)
 
-    def _encode(self, kind: type, beat: float, **fields: Any) -> None:
-        """Feed one performance event (clock beat `beat`) to the encoder and its ids onward."""
-        if self.encoder is None:
-            return
-        local = beat - self._origin
-        if local < 0:
-            return  # before the encoder's first bar line (stamped before a reset)
-        try:
-            ids = self.encoder.feed(kind(beats=local, **fields))
-        except enc.EncoderError as err:
-            self.stats.encoder_rejected += 1
-            log.debug("encoder refused an event: %s", err)
-            return
-        self._feed(ids)
+    def _hear(self, kind: type, beat: float, **fields: Any) -> None:
+        """One performance event (clock beat `beat`) for the model's ears."""
+        if self.feed is not None:
+            self.feed.hear(kind, beat, **fields)
 
-    def _feed(self, ids: list[int]) -> None:
-        if ids and not self._closing:
-            self.stats.tokens_fed += len(ids)
-            self._submit(self.engine.feed, "feed", list(ids))
+    def _feed_engine(self, ids: list[int]) -> None:
+        self._submit(self.engine.feed, "feed", ids)
 
     # ------------------------------------------------------------------------------ answers
 
@@ -741,12 +715,12 @@ class Daemon:
         if note_on:
             self.stats.notes_played += 1
             self._watched("answer", message[1], message[2], beat)
-            self._encode(enc.NoteOn, beat, pitch=message[1], velocity=message[2])
+            self._hear(enc.NoteOn, beat, pitch=message[1], velocity=message[2])
         elif kind in (midi_events.NOTE_OFF, midi_events.NOTE_ON):
             self._watched("answer", message[1], 0, beat)
-            self._encode(enc.NoteOff, beat, pitch=message[1])
+            self._hear(enc.NoteOff, beat, pitch=message[1])
         elif kind == midi_events.CONTROL_CHANGE and message[1] == midi_events.SUSTAIN_PEDAL:
-            self._encode(enc.SustainPedal, beat, down=message[2] >= 64)
+            self._hear(enc.SustainPedal, beat, down=message[2] >= 64)
 
     # ------------------------------------------------------------------------------ plumbing
 

@@ -86,6 +86,6 @@ def daemon_status(daemon: Daemon) -> dict[str, Any]:
         values["output_max_lateness_ms"] = round(sched.max_lateness_s * 1000.0, 3)
         values["output_pending"] = scheduler.pending
         values["sounding"] = len(scheduler.sounding_notes)
-    if daemon.encoder is not None:
-        values["encoder_late_events"] = daemon.encoder.late_events
+    if daemon.feed is not None:
+        values["encoder_late_events"] = daemon.feed.encoder.late_events
     return values
