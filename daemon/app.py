@@ -13,11 +13,11 @@ of its own, the MIDI reader a third. How the parts connect
   the encoder's watermark), so tokens become final as time passes; final ids go to
   `Engine.feed` in the engine thread, in order.
   The ticker also advances the mode machine, and swaps in a reloaded model at a bar line.
-- Decisions: "answer at bar N" starts `Engine.generate` in the engine thread `lead_ms` before
-  the bar line; each decoded note is scheduled as it is drawn at `clock.time_at(bar beat +
-  note beat)`; a note already `late_ms` late is dropped and counted, never played late.
-  "take over" stops the generation (`should_stop`), cancels pending output and sends
-  note-offs for the sounding notes.
+- Decisions (`daemon.answer_player`): "answer at bar N" starts `Engine.generate` in the engine
+  thread `lead_ms` before the bar line; each decoded note is scheduled as it is drawn at
+  `clock.time_at(bar beat + note beat)`; a note already `late_ms` late is dropped and counted,
+  never played late. "take over" stops the generation (`should_stop`), cancels pending output
+  and sends note-offs for the sounding notes.
 - Feedback: every message the scheduler actually sends comes back to the loop and goes into
   the encoder at its beat, so the model's state holds both parts of the conversation.
 - Control: one `execute(command)` serves OSC, MQTT and the control changes `daemon.cc_map` maps
@@ -34,17 +34,16 @@ import contextlib
 import functools
 import gc
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from daemon import encoder as enc
 from daemon import midi_events
 from daemon.answer_output import AnswerOutput, LiveAnswer
+from daemon.answer_player import AnswerPlayer, AnswerRecord, EngineThread
 from daemon.cc_learned import learned_path, read_learned, write_learned
 from daemon.cc_map import CcBinding, CcMap
 from daemon.clock import Clock, ClockEvent, LinkClock, TempoChanged, TransportChanged, make_clock
@@ -72,7 +71,7 @@ from daemon.errors import ClockError, DaemonError, MidiError
 from daemon.exit_watchdog import exit_watchdog
 from daemon.midi_ports import MidiPorts
 from daemon.model_swap import ModelSwap
-from daemon.modes import Answer, AnswerAt, Decision, ModeMachine, TakeOver
+from daemon.modes import Decision, ModeMachine
 from daemon.mqtt_bridge import MqttBridge
 from daemon.osc_server import OscServer, status_arguments
 from daemon.reload import FileSignature, ReloadError, resolve_reload_path
@@ -80,8 +79,6 @@ from daemon.scheduler import OutputScheduler, short_switch_interval
 from daemon.status import DaemonStats, daemon_status
 from daemon.styles import StyleLibrary
 from daemon.subscribers import FLUSH_INTERVAL_S, SubscriberSet
-from model.remi_grammar import DecodedNote, DecodedPedal
-from model.sampling import SamplingSettings
 
 log = logging.getLogger(__name__)
 
@@ -102,25 +99,6 @@ class CheckpointMissingError(DaemonError):
             "--checkpoint DIR/latest.safetensors, or set daemon.checkpoint in config.toml"
         )
         self.path = path
-
-
-@dataclass(frozen=True)
-class AnswerRecord:
-    """What one finished answer did (the last RECENT_ANSWERS are kept, for benchmarks)."""
-
-    id: int
-    bar: int
-    bars: int
-    notes: int
-    dropped: int
-    stopped: bool
-    ready_before_bar_ms: float | None  # bar line minus the time its first note was scheduled
-    generation_ms: float
-    scheduled: tuple[tuple[float, midi_events.MidiBytes], ...] = ()  # (perf_counter due time, message)
-    start_time: float = 0.0  # perf_counter time of its first bar line, as the clock said when decided
-
-
-RECENT_ANSWERS = 256
 
 
 class Daemon:
@@ -152,8 +130,6 @@ class Daemon:
         self._stack: contextlib.AsyncExitStack | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._live: dict[int, LiveAnswer] = {}
-        self.recent_answers: collections.deque[AnswerRecord] = collections.deque(maxlen=RECENT_ANSWERS)
         self._last_log: dict[str, float] = {}
         self._closing = False  # shutting down: nothing new goes to the engine thread
         self._tasks: list[asyncio.Task[Any]] = []
@@ -164,12 +140,19 @@ class Daemon:
         self.ports: MidiPorts | None = None
         self.scheduler: OutputScheduler | None = None
         self.output: AnswerOutput | None = None
+        self.answers: AnswerPlayer | None = None
         self.osc: OscServer | None = None
         self.mqtt: MqttBridge | None = None
 
     @property
     def live_answers(self) -> dict[int, LiveAnswer]:
-        return self._live
+        """The answers from their decision until their last bar is over, by id."""
+        return self.answers.live if self.answers is not None else {}
+
+    @property
+    def recent_answers(self) -> collections.deque[AnswerRecord]:
+        """What the last finished answers did (daemon.answer_player.RECENT_ANSWERS), oldest first."""
+        return self.answers.recent if self.answers is not None else collections.deque()
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -235,6 +218,11 @@ class Daemon:
             OutputScheduler(self._send_output, realtime_priority=cfg.output_priority)
         )
         self.output = AnswerOutput(self.scheduler, clock, self._channel, self._latency, self._late_s)
+        self.answers = AnswerPlayer(
+            self.machine, clock, self.engine, self.output, self.stats, EngineThread(self._submit, self._from_engine),
+            has_output=self.ports.has_output, controls=lambda: self.controls, publish=self._publish,
+            model_id=lambda: self.model_id, no_output=self._no_output,
+        )
         stack.callback(self._final_silence)
 
         self.osc = await stack.enter_async_context(OscServer.from_config(self.settings.osc, self.execute))
@@ -286,8 +274,8 @@ class Daemon:
             self.feed.stop()
         if self.machine is not None:
             self._end_answers(self.machine.stop_all(self._now_beat()), output=False, reason="shutdown")
-        for live in self._live.values():
-            live.stop.set()
+        if self.answers is not None:
+            self.answers.stop_generating()
         self._silence(extra_channels=[self._channel])
 
     # ------------------------------------------------------------------------------ public
@@ -478,7 +466,8 @@ class Daemon:
         feed.advance(beat)
         self._apply(self.machine.advance(beat))
         self.swap.at_beat(beat)
-        self._forget_finished()
+        if self.answers is not None:
+            self.answers.forget_finished()
 
     async def _feed_subscribers(self) -> None:
         """Every FLUSH_INTERVAL_S: the notes since the last time (and the status now and then)
@@ -553,133 +542,15 @@ class Daemon:
     # ------------------------------------------------------------------------------ answers
 
     def _apply(self, decisions: Iterable[Decision]) -> None:
-        stops: list[Decision] = []
-        for decision in decisions:
-            if isinstance(decision, AnswerAt):
-                self._start_answer(decision.answer)
-            else:
-                stops.append(decision)
-        if stops:
-            self._end_answers(stops)
-
-    def _start_answer(self, answer: Answer) -> None:
-        clock, ports = self.clock, self.ports
-        assert clock is not None and ports is not None
-        if not ports.has_output:
-            self.machine.finished(answer.id)  # type: ignore[union-attr]
-            self._log_rarely("no-output", "no MIDI output port is configured: answers are not played", failure=False)
-            return
-        try:
-            start, end = clock.time_at(answer.start_beat), clock.time_at(answer.end_beat)
-        except ClockError as err:
-            log.warning("answer %d not played: %s", answer.id, err)
-            self.machine.finished(answer.id)  # type: ignore[union-attr]
-            return
-        live = LiveAnswer(answer, start, end, threading.Event())
-        self._live[answer.id] = live
-        self.stats.answers += 1
-        c = self.controls
-        settings = SamplingSettings(temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
-        live.future = self._submit(self._generate, "generate", live, settings, c.seed)
-        live.future.add_done_callback(self._from_engine(functools.partial(self._answer_done, live)))
-        log.info("answer %d: %d bar(s) from bar %d (%s), %.0f ms ahead",
-                 answer.id, answer.bars, answer.bar, answer.reason, (start - time.perf_counter()) * 1000)
-
-    def _generate(self, live: LiveAnswer, settings: Any, seed: int) -> Any:
-        """In the engine thread."""
-        if live.stop.is_set():
-            return None
-        return self.engine.generate(
-            live.answer.bars,
-            settings,
-            seed=seed,
-            on_event=functools.partial(self._on_generated, live),
-            should_stop=live.stop.is_set,
-        )
-
-    def _on_generated(self, live: LiveAnswer, variation: int, event: Any) -> None:
-        """In the engine thread: schedule a decoded note (or pedal move) as soon as it exists."""
-        output = self.output
-        if variation != 0 or live.stop.is_set() or output is None:
-            return
-        if isinstance(event, DecodedPedal):
-            output.place_pedal(live, event)
-            return
-        if not isinstance(event, DecodedNote):
-            return
-        placed = output.place_note(live, event)
-        if placed == "late":
-            live.dropped += 1
-            self.stats.late_dropped += 1
-        elif placed == "scheduled":
-            live.notes += 1
-            self.stats.notes_scheduled += 1
-            if live.first_note_at is None:
-                now = time.perf_counter()
-                live.first_note_at = now
-                self.stats.ready_before_bar_ms = round((live.start_time - now) * 1000.0, 3)
-
-    def _answer_done(self, live: LiveAnswer, future: Future) -> None:
-        """On the loop: the generation of `live` ended (complete, stopped or failed)."""
-        try:
-            completion = future.result()
-        except Exception as err:  # noqa: BLE001 - a failed answer must not stop the daemon
-            self.stats.failed += 1
-            log.error("answer %d failed: %s", live.answer.id, err, exc_info=err)
-            self.machine.finished(live.answer.id)  # type: ignore[union-attr]
-            self._end_answers([TakeOver(live.answer, self._now_beat())], reason="generation failed")
-            self._publish("error", reason=f"generation failed: {err}")
-            return
-        if completion is None:
-            return
-        self.stats.generation_ms = round(completion.seconds * 1000.0, 3)
-        ready = None if live.first_note_at is None else round((live.start_time - live.first_note_at) * 1000.0, 3)
-        self.recent_answers.append(AnswerRecord(
-            live.answer.id, live.answer.bar, live.answer.bars, live.notes, live.dropped, completion.stopped,
-            ready, self.stats.generation_ms, tuple(live.scheduled), live.start_time,
-        ))
-        if live.pedal_down and self.output is not None:
-            self.output.release_pedal(live)
-        log.info("answer %d: %d notes (%d too late), %.0f ms to generate%s", live.answer.id, live.notes,
-                 live.dropped, completion.seconds * 1000, ", stopped" if completion.stopped else "")
-        self._publish(
-            "completion_played", answer=live.answer.id, bar=live.answer.bar, bars=live.answer.bars,
-            notes=live.notes, dropped=live.dropped, stopped=completion.stopped, model_id=self.model_id,
-            seconds=round(completion.seconds, 4),
-        )
-
-    def _forget_finished(self) -> None:
-        now = time.perf_counter()
-        for key, live in list(self._live.items()):
-            if live.end_time < now and (live.future is None or live.future.done()):
-                del self._live[key]
+        if self.answers is not None:
+            self.answers.apply(decisions)
 
     def _end_answers(self, decisions: Iterable[Decision], *, output: bool = True, reason: str = "") -> None:
-        """Stop the answers the decisions name. With `output`: a TakeOver (something of ours
-        sounds) silences the output now; Discards alone drop what those answers scheduled.
-        `reason` (panic, reset, shutdown...) is logged instead of counting takeovers/discards."""
-        taken_over = False
-        for decision in decisions:
-            if isinstance(decision, AnswerAt):
-                continue
-            live = self._live.pop(decision.answer.id, None)
-            if live is not None:
-                live.stop.set()
-            taken_over |= isinstance(decision, TakeOver)
-            if reason:
-                log.info("answer %d stopped: %s", decision.answer.id, reason)
-            elif isinstance(decision, TakeOver):
-                self.stats.takeovers += 1
-                log.info("answer %d taken over at beat %.2f", decision.answer.id, decision.beat)
-            else:
-                self.stats.discarded += 1
-                log.info("answer %d discarded before its bar line", decision.answer.id)
-        if not output:
-            return
-        if taken_over:
-            self._silence()
-        else:
-            self._cancel_pending()
+        if self.answers is not None:
+            self.answers.end(decisions, output=output, reason=reason)
+
+    def _no_output(self) -> None:
+        self._log_rarely("no-output", "no MIDI output port is configured: answers are not played", failure=False)
 
     def _cancel_pending(self) -> None:
         if self.output is not None:

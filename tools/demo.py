@@ -43,7 +43,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import mido
 
-    from daemon.app import AnswerRecord, Daemon
+    from daemon.answer_player import AnswerRecord
+    from daemon.app import Daemon
     from daemon.clock import Clock
     from daemon.midi_events import MidiBytes
     from daemon.runner import BackgroundDaemon
