@@ -22,8 +22,9 @@ def test_bench_daemon_answers_a_played_piano_phrase(jack_server):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["mode"] == "answering satie-gymnopedie-1.mid (1 bars, 3/4)" and report["watcher"] is True
-    # 12 bars hold three phrase-and-answer cycles of 1 + 1 + 2 bars; each phrase gets an answer.
-    assert report["answers"] >= 2 and report["messages"] > 0
+    # 12 bars hold two phrase-and-answer cycles of 1 + 1 + 2 bars (the first a bar in); each
+    # phrase gets an answer.
+    assert report["answers"] >= 2 and report["messages"] > 0, result.stderr[-3000:]
     # Timing figures are the benchmark's to report, not this test's to judge (a loaded machine).
     for key in ("error_p50_ms", "error_p99_ms", "first_notes_late"):
         assert report[key] >= 0

@@ -76,6 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 FIRST_NOTE_LATE_MS = 5.0
 INTERLEAVE_BARS = 2
+GENERATION_WAIT_S = 30.0  # how long the last answers may still generate after the timed bars
 
 
 @dataclass
@@ -209,13 +210,16 @@ def measure(checkpoint: Path, *, bars: int, tempo: float, length: int, phrase=No
         try:
             if receiver.stdout.readline().strip() != "ready":
                 raise RuntimeError("the recording client could not connect to the daemon's output")
+            # The player connects before the timeline is set: on a busy machine starting its
+            # process takes seconds, and a phrase due before it could play would be lost.
+            player = None
+            if phrase is not None:
+                player = SoakPeer(f"bench-player-{tag}", f"{in_port}:{in_port}", f"{out_port}:{out_port}")
             clock = daemon.clock
             assert clock is not None
             start_bar = clock.bar_index(clock.now_beat()) + 1
             end_beat = clock.bar_start_beat(start_bar + bars)
-            player = None
-            if phrase is not None:
-                player = SoakPeer(f"bench-player-{tag}", f"{in_port}:{in_port}", f"{out_port}:{out_port}")
+            if player is not None:
                 player.play(phrase_messages(clock, phrase, start_bar + 1, start_bar + bars, length))
             if watcher == "interleaved":
                 assert watch is not None
@@ -235,6 +239,7 @@ def measure(checkpoint: Path, *, bars: int, tempo: float, length: int, phrase=No
                 watch.send_signal(signal.SIGCONT)
                 watch.terminate()
                 watch.wait(timeout=10)
+        wait_for_generations(background)
         records = background.call(lambda: list(daemon.recent_answers))
         stats = background.call(lambda: daemon.stats)
         handover = sorted(abs(x) * 1000.0 for x in daemon.scheduler.recent_lateness())
@@ -290,6 +295,21 @@ def _result(records, stats, arrivals, errors, handover, model_id, engine_meta, f
         feed_bar_max_ms=max(feed_ms),
         tokens_per_bar=tokens_per_bar,
     )
+
+
+def wait_for_generations(background, limit_s: float = GENERATION_WAIT_S) -> None:
+    """Until every answer's generation has ended and been recorded (at most `limit_s`): on a
+    busy machine the last answer's may still be running when its bars are over, and an answer
+    is only recorded once it ends."""
+    daemon = background.daemon
+
+    def generating() -> bool:
+        return any(live.future is not None and not live.future.done() for live in daemon.live_answers.values())
+
+    deadline = time.monotonic() + limit_s
+    while background.call(generating) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    background.call(lambda: None)  # the loop has run the completion callbacks queued before
 
 
 def interleave_watcher(background, watch: subprocess.Popen, clock, start_bar: int, bars: int) -> None:
