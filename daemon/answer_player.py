@@ -27,6 +27,7 @@ from daemon.answer_output import AnswerOutput, LiveAnswer
 from daemon.clock import Clock
 from daemon.controls import Controls
 from daemon.engine_process import EngineProcess
+from daemon.engine_thread import EngineThread
 from daemon.errors import ClockError
 from daemon.modes import Answer, AnswerAt, Decision, ModeMachine, TakeOver
 from daemon.status import DaemonStats
@@ -52,16 +53,6 @@ class AnswerRecord:
     generation_ms: float
     scheduled: tuple[tuple[float, midi_events.MidiBytes], ...] = ()  # (perf_counter due time, message)
     start_time: float = 0.0  # perf_counter time of its first bar line, as the clock said when decided
-
-
-@dataclass(frozen=True)
-class EngineThread:
-    """How the player reaches the engine thread: `submit(fn, what, *args)` runs fn there after
-    everything submitted before and returns its Future; `on_loop(callback)` makes a Future
-    callback that runs `callback` on the event loop."""
-
-    submit: Callable[..., Future]
-    on_loop: Callable[[Callable[[Future], None]], Callable[[Future], None]]
 
 
 class AnswerPlayer:
@@ -172,7 +163,7 @@ class AnswerPlayer:
             self.stats.failed += 1
             log.error("answer %d failed: %s", live.answer.id, err, exc_info=err)
             self.machine.finished(live.answer.id)
-            self.end([TakeOver(live.answer, self.clock.beat_at(time.perf_counter()))], reason="generation failed")
+            self.end([TakeOver(live.answer, self.clock.now_beat())], reason="generation failed")
             self._publish("error", reason=f"generation failed: {err}")
             return
         if completion is None:

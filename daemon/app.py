@@ -43,7 +43,7 @@ from typing import Any
 from daemon import encoder as enc
 from daemon import midi_events
 from daemon.answer_output import AnswerOutput, LiveAnswer
-from daemon.answer_player import AnswerPlayer, AnswerRecord, EngineThread
+from daemon.answer_player import AnswerPlayer, AnswerRecord
 from daemon.cc_learned import learned_path, read_learned, write_learned
 from daemon.cc_map import CcBinding, CcMap
 from daemon.clock import Clock, ClockEvent, LinkClock, TempoChanged, TransportChanged, make_clock
@@ -67,6 +67,7 @@ from daemon.controls import (
 )
 from daemon.conversation_feed import ConversationFeed
 from daemon.engine_process import EngineProcess
+from daemon.engine_thread import EngineThread
 from daemon.errors import ClockError, DaemonError, MidiError
 from daemon.exit_watchdog import exit_watchdog
 from daemon.midi_ports import MidiPorts
@@ -200,7 +201,8 @@ class Daemon:
         if isinstance(clock, LinkClock):
             await stack.enter_async_context(clock)
         self.clock = clock
-        watcher = self.swap.start(self.engine, clock, self._submit, self._from_engine, cfg.watch_interval_s, signature)
+        engine_thread = EngineThread(self._submit, self._from_engine)
+        watcher = self.swap.start(self.engine, clock, engine_thread, cfg.watch_interval_s, signature)
         self.feed = ConversationFeed(self.engine.tokenizer, clock, self.stats, self._feed_engine)
         self.machine = ModeMachine(
             clock,
@@ -219,7 +221,7 @@ class Daemon:
         )
         self.output = AnswerOutput(self.scheduler, clock, self._channel, self._latency, self._late_s)
         self.answers = AnswerPlayer(
-            self.machine, clock, self.engine, self.output, self.stats, EngineThread(self._submit, self._from_engine),
+            self.machine, clock, self.engine, self.output, self.stats, engine_thread,
             has_output=self.ports.has_output, controls=lambda: self.controls, publish=self._publish,
             model_id=lambda: self.model_id, no_output=self._no_output,
         )
@@ -423,7 +425,7 @@ class Daemon:
 
     def _now_beat(self) -> float:
         assert self.clock is not None
-        return self.clock.beat_at(time.perf_counter())
+        return self.clock.now_beat()
 
     def _update_leads(self) -> None:
         """Lead times are fixed in milliseconds; the machine counts in beats."""

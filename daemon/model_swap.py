@@ -8,8 +8,8 @@ then `at_beat` has the engine swap it in, between two jobs of the engine thread.
 is logged, counted and reported, and the old model keeps playing.
 
 The daemon hands `start` what the swap needs once the engine runs: the engine, the clock, and
-two functions of its own, one that runs a call in the engine thread and one that brings a
-finished call back to the event loop.
+its engine thread (`daemon.engine_thread.EngineThread`: run a call there, bring a finished
+call back to the event loop).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -26,17 +25,12 @@ from typing import Any
 
 from daemon.clock import Clock
 from daemon.engine_process import EngineProcess
+from daemon.engine_thread import EngineThread
 from daemon.reload import CheckpointWatcher, FileSignature, LoadedModel, ReloadError, load_compatible
 from daemon.status import DaemonStats
 from model.checkpoint import CheckpointMeta
 
 log = logging.getLogger(__name__)
-
-# Runs fn(*args) in the engine thread, after everything submitted before: the daemon's _submit.
-InEngine = Callable[..., Future]
-# Wraps a future's callback so that it runs on the event loop: the daemon's _from_engine.
-OnLoop = Callable[[Callable[[Future], None]], Callable[[Future], None]]
-
 
 class ModelSwap:
     """Which checkpoint plays, which one waits for the next bar line, and the last refusal.
@@ -58,18 +52,17 @@ class ModelSwap:
         self._lock = asyncio.Lock()  # one load at a time
         self._engine: EngineProcess | None = None
         self._clock: Clock | None = None
-        self._in_engine: InEngine | None = None
-        self._on_loop: OnLoop | None = None
+        self._engine_thread: EngineThread | None = None
 
     @property
     def model_id(self) -> str:
         return self.playing.model_id if self.playing is not None else ""
 
-    def start(self, engine: EngineProcess, clock: Clock, in_engine: InEngine, on_loop: OnLoop,
+    def start(self, engine: EngineProcess, clock: Clock, engine_thread: EngineThread,
               watch_interval_s: float, signature: FileSignature | None) -> CheckpointWatcher:
         """The engine plays `checkpoint_path` (read with `signature`): swaps may begin. Returns
         the watcher of that file (the daemon runs it when watching is on)."""
-        self._engine, self._clock, self._in_engine, self._on_loop = engine, clock, in_engine, on_loop
+        self._engine, self._clock, self._engine_thread = engine, clock, engine_thread
         self.playing = engine.meta
         self.watcher = CheckpointWatcher(self.checkpoint_path, watch_interval_s, self.on_file_changed)
         self.watcher.mark_seen(self.checkpoint_path, signature)
@@ -105,7 +98,7 @@ class ModelSwap:
             log.info("%s holds the model already playing (%s); nothing to swap", path, self.model_id)
             self.checkpoint_path = path
             return
-        self.pending = (loaded, self._clock.bar_index(self._clock.beat_at(time.perf_counter())))
+        self.pending = (loaded, self._clock.bar_index(self._clock.now_beat()))
         log.info("model %s (step %d) loaded from %s; swapping in at the next bar line",
                  loaded.meta.model_id, loaded.meta.step, path)
 
@@ -127,10 +120,10 @@ class ModelSwap:
         loaded, bar = self.pending
         if self._clock.bar_index(beat) <= bar:
             return
-        assert self._engine is not None and self._in_engine is not None and self._on_loop is not None
+        assert self._engine is not None and self._engine_thread is not None
         self.pending = None
-        future = self._in_engine(self._engine.swap_checkpoint, "swap", loaded.path, loaded.meta.model_id)
-        future.add_done_callback(self._on_loop(functools.partial(self._swapped, loaded, beat)))
+        future = self._engine_thread.submit(self._engine.swap_checkpoint, "swap", loaded.path, loaded.meta.model_id)
+        future.add_done_callback(self._engine_thread.on_loop(functools.partial(self._swapped, loaded, beat)))
 
     def _swapped(self, loaded: LoadedModel, beat: float, future: Future[Any]) -> None:
         try:
