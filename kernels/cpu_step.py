@@ -109,10 +109,9 @@ class CpuStepLibrary:
     layer_params: tuple[tuple[str, tuple[str, ...]], ...]  # names after "blocks.<i>."
     dim_names: tuple[str, ...]
     packable: frozenset[str]  # parameter names (as in the two tables) that may be stored packed
-    transposed: frozenset[str]  # those of them packed as their transposes (the LoRA down-projections)
-    tiled: frozenset[str]  # those packed in column tiles (the LoRA up-projections)
-    bf16_pair: int  # the column pairing packed bf16 rows need (the vector width)
-    tile: int  # columns of a tile (rwkv7_tile: 2 * bf16_pair)
+    transposed: frozenset[str]  # those of them packed as their transposes (the LoRA matrices)
+    bf16_pair: int  # the pairing packed bf16 weights need (the vector width)
+    tile: int  # rows of an output tile (rwkv7_tile: 2 * bf16_pair)
     phase_names: tuple[str, ...]  # the kinds of phase a token runs (rwkv7_phase_names)
     profiling: bool  # built with -DRWKV7_PROFILE: `phase_times` answers
 
@@ -266,18 +265,16 @@ def _describe(path: Path, cdll: ctypes.CDLL, flags: tuple[str, ...]) -> CpuStepL
     cdll.rwkv7_thread_policy.restype = None
     cdll.rwkv7_thread_policy.argtypes = [ctypes.c_void_p]
     cdll.rwkv7_tile.restype = ctypes.c_int
-    packable, transposed, tiled = set(), set(), set()
+    packable, transposed = set(), set()
 
     def parse(section: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
         entries = []
         for item in section.split():
-            if item.endswith(("*", "^", "%")):
+            if item.endswith(("*", "^")):
                 item, marker = item[:-1], item[-1]
                 packable.add(item.split("[")[0])
                 if marker == "^":
                     transposed.add(item.split("[")[0])
-                if marker == "%":
-                    tiled.add(item.split("[")[0])
             name, shape = item.rstrip("]").split("[")
             entries.append((name, tuple(shape.split(","))))
         return tuple(entries)
@@ -288,7 +285,7 @@ def _describe(path: Path, cdll: ctypes.CDLL, flags: tuple[str, ...]) -> CpuStepL
         path=path, cdll=cdll, flags=flags, simd=cdll.rwkv7_simd().decode(),
         threads=bool(cdll.rwkv7_threads()), global_params=parse(global_part),
         layer_params=parse(layer_part), dim_names=tuple(cdll.rwkv7_dim_names().decode().split()),
-        packable=frozenset(packable), transposed=frozenset(transposed), tiled=frozenset(tiled),
+        packable=frozenset(packable), transposed=frozenset(transposed),
         bf16_pair=int(cdll.rwkv7_bf16_pair()), tile=int(cdll.rwkv7_tile()),
         phase_names=phase_names, profiling=cdll.rwkv7_profile((ctypes.c_double * (2 * len(phase_names)))()) > 0,
     )
@@ -296,13 +293,12 @@ def _describe(path: Path, cdll: ctypes.CDLL, flags: tuple[str, ...]) -> CpuStepL
 
 def pack_for_kernel(library: CpuStepLibrary, name: str, matrix: Tensor, weights: str) -> PackedMatrix:
     """Parameter `name` (as in the layout table) stored as the kernel reads it in format
-    `weights`: packed; first transposed for the LoRA down-projections (rows = outputs), in
-    column tiles for the up-projections."""
-    if weights != "fp32" and name in library.transposed:
+    `weights`: in output tiles, the LoRA matrices ([in, out]) first transposed to nn.Linear form."""
+    if weights == "fp32":
+        return pack(matrix, weights)
+    if name in library.transposed:
         matrix = matrix.t().contiguous()
-    if weights != "fp32" and name in library.tiled:
-        return pack(matrix, weights, library.bf16_pair, tile=library.tile)
-    return pack(matrix, weights, library.bf16_pair)
+    return pack(matrix, weights, library.bf16_pair, library.tile)
 
 
 # ------------------------------------------------------------------------------- threads

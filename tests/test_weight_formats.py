@@ -14,7 +14,7 @@ import torch
 
 from kernels import cpu_step, huge_pages
 from kernels.cpu_step import CpuStepKernel, cpu_step_kernel, pack_for_kernel
-from kernels.weight_formats import COLUMN_PAD, INT8_LEVELS, pack, unpack
+from kernels.weight_formats import INT8_LEVELS, pack, unpack
 from model import RWKV7, ModelConfig
 from tests.model_factory import random_model
 from tests.test_cpu_step import private_cache  # noqa: F401 - its autouse fixture serves here too
@@ -56,24 +56,31 @@ def compare_with_unpacked(model: RWKV7, weights: str, batch: int, n_tokens: int,
 
 def test_weight_formats_pack_unpack():
     torch.manual_seed(0)
-    w = torch.randn(7, 100) * torch.logspace(-3, 1, 7)[:, None]  # rows of very different sizes
+    w = torch.randn(37, 100) * torch.logspace(-3, 1, 37)[:, None]  # rows of very different sizes
     w[3] = 0.0  # an all-zero row must stay zero (scale 1, not 0/0)
-    padded_width = -(-100 // COLUMN_PAD) * COLUMN_PAD
-    for pair in (1, 8, 16):  # the portable, AVX2 and AVX-512 builds' column pairing
-        bf16 = pack(w, "bf16", pair)
-        assert bf16.data.shape == (7, padded_width) and bf16.data.dtype == torch.int16  # padded rows
+    for pair in (1, 8, 16):  # the portable, AVX2 and AVX-512 builds' pairing
+        tile = 2 * pair
+        bf16 = pack(w, "bf16", pair, tile)
+        tiles = -(-37 // tile)  # the last tile padded with zero rows
+        assert bf16.data.shape == (tiles, 100, tile) and bf16.data.dtype == torch.int16
         assert torch.equal(unpack(bf16), w.to(torch.bfloat16).float())
-    paired = pack(w, "bf16", 8).data[0].view(torch.uint16).int()  # row 0
-    column = w[0].to(torch.bfloat16).view(torch.int16).view(torch.uint16).int()
-    assert paired[0] == column[0] and paired[1] == column[8] and paired[2] == column[1]  # word 0, then 1
-    int8 = pack(w, "int8")
-    assert int8.data.dtype == torch.int8 and int8.data.shape == (7, padded_width) and int8.scale.shape == (7,)
+        assert bf16.nbytes == tiles * tile * 100 * 2
+    bits = w.to(torch.bfloat16).view(torch.int16)
+    block = pack(w, "bf16", 8, 16).data[0, 5]  # tile 0 (rows 0-15), input 5: paired 8 apart
+    assert block[0] == bits[0, 5] and block[1] == bits[8, 5] and block[2] == bits[1, 5]
+    assert torch.equal(pack(w, "bf16", 8, 16).data[2, 5, ::2][:5], bits[32:37, 5])  # tile 2: rows 32-36
+    assert torch.all(pack(w, "bf16", 8, 16).data[2, :, 1::2] == 0)  # and padding
+    int8 = pack(w, "int8", 16, 32)
+    assert int8.data.dtype == torch.int8 and int8.data.shape == (2, 100, 32) and int8.scale.shape == (37,)
+    assert torch.equal(int8.data[1, :, 4].float() * int8.scale[36], unpack(int8)[36])  # unpaired
     err = (unpack(int8) - w).abs()
     assert torch.all(err <= int8.scale[:, None] / 2 * (1 + 1e-6))  # rounding to nearest level
     assert torch.all(unpack(int8)[3] == 0) and int8.data.abs().max() == INT8_LEVELS
     assert torch.equal(unpack(pack(w, "fp32")), w)
     with pytest.raises(ValueError, match="fp16"):
         pack(w, "fp16")
+    with pytest.raises(ValueError, match="pairs"):
+        pack(w, "bf16", 8, 32)
 
 
 @pytest.mark.parametrize("weights", PACKED)
@@ -88,9 +95,9 @@ def test_cpu_step_packed_matches_torch_step_on_unpacked(weights, batch):
 @pytest.mark.parametrize("n_embd, head_size", [(96, 32), (36, 12)])
 @needs_cc
 def test_cpu_step_packed_partial_rows_and_runs(weights, n_embd, head_size):
-    # C = 96 is not whole padded rows, V = 53 not whole runs of rows: zero padding that
-    # must never reach an output, short runs; one thread and two give the same answer.
-    # C = 36 is not whole column tiles either (16 columns on AVX2, 32 on AVX-512).
+    # V = 53 and C = 36 are not whole output tiles (16 rows on AVX2, 32 on AVX-512): zero
+    # padding that must never reach an output; C = 96 is 3 tiles on AVX-512, so runs of tiles
+    # of unequal length; one thread and two give the same answer.
     cfg = ModelConfig(n_layer=2, n_embd=n_embd, head_size=head_size, vocab_size=53)
     torch.manual_seed(2)
     model = RWKV7(cfg)
@@ -128,12 +135,10 @@ def test_cpu_step_bytes_per_token_and_routing(monkeypatch):
     library = kernels["fp32"].library
     packable = [(name.split(".", 2)[2] if name.startswith("blocks.") else name, p) for name, p in params.items()]
     packable = [(short, p) for short, p in packable if short in library.packable]
-    # head; r, k, v, output, FFN key and value; the 8 LoRA matrices (down-projections packed
-    # transposed, up-projections in column tiles)
+    # head; r, k, v, output, FFN key and value; the 8 LoRA matrices (packed as their transposes)
     assert len(packable) == 1 + 14 * model.cfg.n_layer
-    assert sum(short in library.transposed for short, _ in packable) == 4 * model.cfg.n_layer
-    assert sum(short in library.tiled for short, _ in packable) == 4 * model.cfg.n_layer
-    for w in ("bf16", "int8"):  # the packed matrices (padded rows, scales) and the float32 rest
+    assert sum(short in library.transposed for short, _ in packable) == 8 * model.cfg.n_layer
+    for w in ("bf16", "int8"):  # the packed matrices (padded tiles, scales) and the float32 rest
         expected = fp32 - sum(p.numel() * 4 for _, p in packable)
         expected += sum(pack_for_kernel(library, short, p.detach(), w).nbytes for short, p in packable)
         assert kernels[w].bytes_per_token == expected

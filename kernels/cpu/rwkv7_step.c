@@ -4,11 +4,12 @@
  * and updates the recurrent state in place. The math is RWKV7.step in model/rwkv7.py, which
  * stays the reference; kernels/cpu_step.py builds this file and hands it the model's own
  * float32 parameters by address, or for the matrices packed bf16 / int8 copies (see
- * linear_rows; kernels/weight_formats.py packs them). Sums are float32 throughout.
+ * linear_tiles; kernels/weight_formats.py packs them). Sums are float32 throughout.
  *
  * A token is bound by reading the weights (19 MB at 6 layers x 256, 151 MB at 12 x 512), so
- * every matrix is streamed row by row exactly once per token for all B streams (eight runs of
- * rows at once, see ROW_STREAMS; the rows of a pass stay in L1 while the streams use them),
+ * every matrix is streamed exactly once per token for all B streams (packed matrices as output
+ * tiles, several tiles at once, see linear_tiles; float32 ones row by row, eight runs of rows
+ * at once, see ROW_STREAMS; what a pass reads stays in L1 while the streams use it),
  * and the elementwise work rides along: layer norm with the token-shift mixes, LoRA
  * activations and biases with the LoRA matvecs, and per head the value residual, kk, the WKV
  * update, GroupNorm, bonus and gate in one pass.
@@ -24,10 +25,9 @@
  * Helpers spin briefly between tokens, then sleep.
  *
  * Layouts (torch fp32, contiguous, unless packed):
- *   nn.Linear weight [out, in] (packed: [out][in rounded up to COLUMN_PAD], bf16 bits with paired
- *   columns or int8 + scale[out]); LoRA w1/a1/v1/g1 [C, D] (packed: their transposes, as
- *   nn.Linear weights) and w2/a2/v2/g2 [D, C] (packed: [C / TILE][D][TILE], int8 + scale[D]);
- *   vectors [C];
+ *   nn.Linear weight [out, in] (packed: output tiles [out / TILE][in][TILE], out padded to
+ *   whole tiles, bf16 bits with paired outputs or int8 + scale[out]); LoRA w1/a1/v1/g1 [C, D]
+ *   and w2/a2/v2/g2 [D, C] (packed: their transposes, as nn.Linear weights); vectors [C];
  *   r_k [H, N]; state shift [n_layer, 2, B, C]; state wkv [n_layer, B, H, N, N] (value, key).
  */
 
@@ -125,14 +125,15 @@ static inline float v_sum(vec a) { return a; }
  * parameter stay float32; an int8 row's dot product is multiplied by its scale once at the end. */
 enum { W_FP32, W_BF16, W_INT8 };
 
-/* bf16 columns are stored in pairs PAIR apart: in each block of 2 * PAIR columns, 32-bit word
- * j holds column j in its low half and column PAIR + j in its high half. One vector load then
- * widens to two float vectors with one shift (low halves) and one mask (high halves), no
- * shuffles: on AVX2 the shuffle of vpmovzxwd made bf16 compute-bound below the memory speed.
- * PAIR is the vector width (1 in the portable build: the plain order); cpu_step.py packs to it. */
+/* bf16 weights are stored in pairs PAIR apart: in each block of 2 * PAIR (one input's weights
+ * in an output tile, see linear_tiles), 32-bit word j holds weight j in its low half and weight
+ * PAIR + j in its high half. One vector load then widens to two float vectors with one shift
+ * (low halves) and one mask (high halves), no shuffles: on AVX2 the shuffle of vpmovzxwd made
+ * bf16 compute-bound below the memory speed. PAIR is the vector width (1 in the portable build:
+ * the plain order); cpu_step.py packs to it. */
 #define PAIR VW
 
-/* Element offset of column offset i in a paired bf16 row. */
+/* Element offset of weight i of a paired bf16 block. */
 static inline size_t bf16_at(size_t i) {
     const size_t r = i % (2 * PAIR);
     return i - r + 2 * (r % PAIR) + (r >= PAIR);
@@ -149,7 +150,7 @@ static inline float w_one(const void *w, size_t i, int kind) {
     return ((const float *)w)[i];
 }
 
-/* The VW weights at column offset base + hi * VW (base a multiple of 2 * VW, hi 0 or 1). */
+/* The VW weights at offset base + hi * VW (base a multiple of 2 * VW, hi 0 or 1). */
 #if !defined(RWKV7_SCALAR) && !defined(RWKV7_NO_AVX512) && defined(__AVX512F__)
 static inline vec w_load_half(const void *w, size_t base, int hi, int kind);
 static inline vec w_load(const void *w, size_t i, int kind) {
@@ -220,10 +221,10 @@ static inline vec v_sigmoid(vec x) {
 /* Parameter table: the GLOBAL entries, then PER_LAYER entries for each block. Names are the
  * model's parameter names (per-layer ones after "blocks.<i>."), with their shapes in the size
  * symbols of `dims`; a trailing '*' marks the matrices that may be stored packed (bf16, int8:
- * see linear_rows), the ones that make up almost all the bytes of a token, '^' the LoRA
- * down-projections, which are then packed as their transposes (rows = outputs), so that
- * linear_rows reads them too, and '%' the LoRA up-projections, packed as they are in column
- * tiles (see up_tiles). cpu_step.py reads this string, so the order lives only here. */
+ * see linear_tiles), the ones that make up almost all the bytes of a token, nn.Linear weights
+ * [out, in], and '^' the LoRA matrices, which the model keeps as [in, out] and which are then
+ * packed as their transposes, so that linear_tiles reads every packed matrix alike.
+ * cpu_step.py reads this string, so the order lives only here. */
 enum { G_EMB, G_LN0_W, G_LN0_B, G_LNOUT_W, G_LNOUT_B, G_HEAD, N_GLOBAL };
 enum {
     P_LN1_W, P_LN1_B, P_LN2_W, P_LN2_B,
@@ -241,8 +242,8 @@ static const char LAYOUT[] =
     "|"
     "ln1.weight[C] ln1.bias[C] ln2.weight[C] ln2.bias[C] "
     "att.x_r[C] att.x_w[C] att.x_k[C] att.x_v[C] att.x_a[C] att.x_g[C] "
-    "att.w0[C] att.w1[C,Dw]^ att.w2[Dw,C]% att.a0[C] att.a1[C,Da]^ att.a2[Da,C]% "
-    "att.v0[C] att.v1[C,Dv]^ att.v2[Dv,C]% att.g1[C,Dg]^ att.g2[Dg,C]% "
+    "att.w0[C] att.w1[C,Dw]^ att.w2[Dw,C]^ att.a0[C] att.a1[C,Da]^ att.a2[Da,C]^ "
+    "att.v0[C] att.v1[C,Dv]^ att.v2[Dv,C]^ att.g1[C,Dg]^ att.g2[Dg,C]^ "
     "att.k_k[C] att.k_a[C] att.r_k[H,N] "
     "att.receptance.weight[C,C]* att.key.weight[C,C]* att.value.weight[C,C]* att.output.weight[C,C]* "
     "att.ln_x.weight[C] att.ln_x.bias[C] "
@@ -428,26 +429,15 @@ static inline void emit(float *o, float d, int mode) {
 #define ONE_ROW_AHEAD 256
 
 
-/* Packed rows are padded with zero columns to a multiple of COLUMN_PAD (kernels/weight_formats.py
- * packs): whole pairs of bf16 vectors (16 columns on AVX2, 32 on AVX-512). Not more: a LoRA
- * up-projection row has only 32 columns. */
-#define COLUMN_PAD 32
-
-/* Elements from one row of a matrix of `in` columns stored as `kind` to the next. */
-static inline size_t row_stride(int in, int kind) {
-    return kind == W_FP32 ? (size_t)in : (size_t)cdiv(in, COLUMN_PAD) * COLUMN_PAD;
-}
-
-/* acc[g * R + q] += w[q] . x_g over the pair of vectors at column i (2 * VW columns: one
- * packed bf16 load a row), x_g = x + g * ldx. Each weight vector is loaded (and widened) once
- * for the G streams. */
-static inline __attribute__((always_inline)) void dot_pair(const void *const *w, int R, int G, int kind,
+/* acc[g * R + q] += w[q] . x_g over the pair of vectors at column i (2 * VW columns), x_g = x +
+ * g * ldx. Each weight vector is loaded once for the G streams. */
+static inline __attribute__((always_inline)) void dot_pair(const float *const *w, int R, int G,
                                                           const float *x, int ldx, int i, vec *acc) {
     for (int h = 0; h < 2; h++) {
         vec xv[4];
         for (int g = 0; g < G; g++) xv[g] = v_load(x + (size_t)g * ldx + i + h * VW);
         for (int q = 0; q < R; q++) {
-            vec wq = w_load_half(w[q], (size_t)i, h, kind);
+            vec wq = v_load(w[q] + i + h * VW);
             for (int g = 0; g < G; g++) acc[g * R + q] = v_fma(wq, xv[g], acc[g * R + q]);
         }
     }
@@ -456,99 +446,84 @@ static inline __attribute__((always_inline)) void dot_pair(const void *const *w,
 /* Dot products of R weight rows with G token streams' inputs: dot[g * R + q] = w[q] . x_g,
  * x_g = x + g * ldx. R and G are constants where it is inlined (R * G <= MAX_ACC): the
  * accumulators stay in registers. */
-static inline __attribute__((always_inline)) void dot_rows(const void *const *w, int R, int G, int kind,
+static inline __attribute__((always_inline)) void dot_rows(const float *const *w, int R, int G,
                                                           const float *x, int ldx, int in, float *dot) {
     vec acc[MAX_ACC];
     for (int k = 0; k < R * G; k++) acc[k] = v_zero();
     int i = 0;
-    /* two pairs of vectors a step (a cache line of bf16 weights a row): 4% faster than one */
+    /* two pairs of vectors a step: 4% faster than one (measured with bf16 rows, a cache line a
+     * row) */
     for (; i + 4 * VW <= in; i += 4 * VW) {
         /* With several token streams the pass is busy with FMAs and the hardware prefetcher
          * falls behind: asking for each row PREFETCH_AHEAD bytes ahead took K = 4 from 5.31 to
-         * 4.99 ms a token (L12-D512 bf16). As a non-temporal prefetch (locality 0) the weights,
+         * 4.99 ms a token (L12-D512, when bf16 was read as rows). As a non-temporal prefetch (locality 0) the weights,
          * read once a token, no longer push the recurrent state and the activations out of
          * the L3 cache: 3.87 -> 3.68 ms, the heads phase 0.42 -> 0.31 ms. With one stream the same
          * in every row only slowed the pass down (2.09 -> 2.2-2.9 ms at 256 B to 4 KB ahead). */
         if (G > 1)
             for (int q = 0; q < R; q++)
-                __builtin_prefetch((const char *)w[q] + (size_t)i * w_bytes(kind) + PREFETCH_AHEAD, 0, 0);
+                __builtin_prefetch((const char *)(w[q] + i) + PREFETCH_AHEAD, 0, 0);
         else /* one stream: see ONE_ROW_AHEAD */
-            __builtin_prefetch((const char *)w[0] + (size_t)i * w_bytes(kind) + ONE_ROW_AHEAD, 0, 0);
-        dot_pair(w, R, G, kind, x, ldx, i, acc);
-        dot_pair(w, R, G, kind, x, ldx, i + 2 * VW, acc);
+            __builtin_prefetch((const char *)(w[0] + i) + ONE_ROW_AHEAD, 0, 0);
+        dot_pair(w, R, G, x, ldx, i, acc);
+        dot_pair(w, R, G, x, ldx, i + 2 * VW, acc);
     }
-    for (; i + 2 * VW <= in; i += 2 * VW) dot_pair(w, R, G, kind, x, ldx, i, acc);
+    for (; i + 2 * VW <= in; i += 2 * VW) dot_pair(w, R, G, x, ldx, i, acc);
     for (int k = 0; k < R * G; k++) dot[k] = v_sum(acc[k]);
     for (; i < in; i++) /* a tail shorter than a pair of vectors */
         for (int g = 0; g < G; g++)
-            for (int q = 0; q < R; q++) dot[g * R + q] += w_one(w[q], (size_t)i, kind) * x[(size_t)g * ldx + i];
+            for (int q = 0; q < R; q++) dot[g * R + q] += w[q][i] * x[(size_t)g * ldx + i];
 }
 
 /* R rows (pointers w, output positions rows[]) times every token stream: streams in fours,
  * then a pair, then one. */
 static inline __attribute__((always_inline)) void rows_times_streams(
-        const void *const *w, const int *rows, int R, const float *scale, int kind, int in,
-        const float *X, int ldx, int B, float *out, int ldo, int mode) {
-    float s[ROW_STREAMS];
-    for (int q = 0; q < R; q++) s[q] = scale ? scale[rows[q]] : 1.0f;
+        const float *const *w, const int *rows, int R, int in, const float *X, int ldx, int B,
+        float *out, int ldo, int mode) {
     for (int b = 0; b < B;) {
         const int G = B - b >= 4 && 4 * R <= MAX_ACC ? 4 : B - b >= 2 && 2 * R <= MAX_ACC ? 2 : 1;
         float dot[MAX_ACC];
         const float *xb = X + (size_t)b * ldx;
-        if (G == 4) dot_rows(w, R, 4, kind, xb, ldx, in, dot);
-        else if (G == 2) dot_rows(w, R, 2, kind, xb, ldx, in, dot);
-        else dot_rows(w, R, 1, kind, xb, ldx, in, dot);
+        if (G == 4) dot_rows(w, R, 4, xb, ldx, in, dot);
+        else if (G == 2) dot_rows(w, R, 2, xb, ldx, in, dot);
+        else dot_rows(w, R, 1, xb, ldx, in, dot);
         for (int g = 0; g < G; g++)
-            for (int q = 0; q < R; q++) emit(out + (size_t)(b + g) * ldo + rows[q], dot[g * R + q] * s[q], mode);
+            for (int q = 0; q < R; q++) emit(out + (size_t)(b + g) * ldo + rows[q], dot[g * R + q], mode);
         b += G;
     }
 }
 
-/* Rows [r0, r1) of W times every stream's input; see linear_rows. */
-static inline __attribute__((always_inline)) void linear_rows_kind(
-        const void *W, const float *scale, int kind, int in, const float *X, int ldx, int B,
-        float *out, int ldo, int r0, int r1, int mode) {
-    const size_t row_bytes = row_stride(in, kind) * w_bytes(kind);
+/* nn.Linear on rows [r0, r1) of the model's own float32 W [rows, in]: out[b*ldo + row] (op)=
+ * W[row, :] . X[b*ldx + :] for b < B. The rows of a pass stay in L1 while every token stream
+ * uses them, so each weight is read from memory once per token. (Packed matrices are read as
+ * output tiles instead: linear_tiles.) */
+static void linear_rows(const float *W, int in, const float *X, int ldx, int B, float *out, int ldo,
+                        int r0, int r1, int mode) {
     /* rows per pass: ROW_STREAMS at one token stream, fewer when the accumulators of several
      * token streams share the registers (one of ROW_STREAMS, ROW_STREAMS / 2, ROW_STREAMS / 4) */
     const int G = B >= 4 ? 4 : B >= 2 ? 2 : 1;
     const int R = MAX_ACC / G < ROW_STREAMS ? MAX_ACC / G : ROW_STREAMS;
     const int n = r1 - r0, run = cdiv(n, R); /* rows [r0 + s*run, ...) are run s */
     for (int t = 0; t < run; t++) {
-        const void *w[ROW_STREAMS];
+        const float *w[ROW_STREAMS];
         int rows[ROW_STREAMS], m = 0;
         for (int s = 0; s < R; s++) {
             const int row = r0 + s * run + t;
             if (s * run + t >= n) break; /* the last runs may be short */
             rows[m] = row;
-            w[m++] = (const char *)W + (size_t)row * row_bytes;
+            w[m++] = W + (size_t)row * in;
         }
         if (m == R) {
             switch (R) { /* constant row counts, so that dot_rows keeps its sums in registers */
-            case ROW_STREAMS: rows_times_streams(w, rows, ROW_STREAMS, scale, kind, in, X, ldx, B, out, ldo, mode); break;
-            case ROW_STREAMS / 2: rows_times_streams(w, rows, ROW_STREAMS / 2, scale, kind, in, X, ldx, B, out, ldo, mode); break;
-            case ROW_STREAMS / 4: rows_times_streams(w, rows, ROW_STREAMS / 4, scale, kind, in, X, ldx, B, out, ldo, mode); break;
+            case ROW_STREAMS: rows_times_streams(w, rows, ROW_STREAMS, in, X, ldx, B, out, ldo, mode); break;
+            case ROW_STREAMS / 2: rows_times_streams(w, rows, ROW_STREAMS / 2, in, X, ldx, B, out, ldo, mode); break;
+            case ROW_STREAMS / 4: rows_times_streams(w, rows, ROW_STREAMS / 4, in, X, ldx, B, out, ldo, mode); break;
             }
         } else {
             for (int q = 0; q < m; q++)
-                rows_times_streams(w + q, rows + q, 1, scale, kind, in, X, ldx, B, out, ldo, mode);
+                rows_times_streams(w + q, rows + q, 1, in, X, ldx, B, out, ldo, mode);
         }
     }
-}
-
-/* nn.Linear on rows [r0, r1): out[b*ldo + row] (op)= W[row, :] . X[b*ldx + :] for b < B.
- * W [rows, in] row-major: the model's own float32, or packed as `kind` (bf16 with paired
- * columns, int8 rows times scale[row]) with rows padded to whole COLUMN_PAD columns. The rows
- * of a pass stay in L1 while every token stream uses them, so each weight is read from memory
- * once per token. One specialised copy per storage kind. */
-static void linear_rows(const void *W, const float *scale, int kind, int in, const float *X, int ldx,
-                        int B, float *out, int ldo, int r0, int r1, int mode) {
-    if (kind == W_BF16)
-        linear_rows_kind(W, NULL, W_BF16, in, X, ldx, B, out, ldo, r0, r1, mode);
-    else if (kind == W_INT8)
-        linear_rows_kind(W, scale, W_INT8, in, X, ldx, B, out, ldo, r0, r1, mode);
-    else
-        linear_rows_kind(W, NULL, W_FP32, in, X, ldx, B, out, ldo, r0, r1, mode);
 }
 
 /* Row vector times matrix on columns [c0, c1): out[c - c0] = sum_i x[i] * M[i*ldm + c].
@@ -606,16 +581,24 @@ static void vec_mat_cols(const float *x, const float *M, int ldm, int in, int c0
     }
 }
 
-/* Packed column tiles: a matrix [in, cols] stored as [cols / TILE][in][TILE] (padded rows cut
- * into blocks of TILE columns, block by block; kernels/weight_formats.py packs). One row of a
- * tile is one paired bf16 load (or TILE int8 weights) that widens to two float vectors. */
+/* Output tiles. A packed matrix W [rows, in] (nn.Linear form: a row is an output) is stored as
+ * [rows / TILE][in][TILE], its rows padded with zeros to whole tiles (kernels/weight_formats.py
+ * packs): tile t holds outputs [t * TILE, t * TILE + TILE), and for each input their TILE
+ * weights are one packed load (a cache line of bf16 on AVX-512) that widens to two float
+ * vectors. A pass sums down P tiles at once for G token streams, each input broadcast once for
+ * all P tiles: one load of an input feeds 2 * P FMAs, where a pass over rows loaded every input
+ * vector again for each row and ended each row and stream with a horizontal sum. L12-D512 bf16,
+ * AMD EPYC family 25 (Zen 4), A/B in one process, two threads (rows against tiles, 12 rounds):
+ * K = 4 3.25 -> 2.41 ms a token, K = 1 2.21 -> 2.05; a timing program with the matvecs alone
+ * read at 15 against 24 GB/s at K = 4. Each output is one chain of sums in input order, so
+ * which thread runs which tile never changes a result. */
 #define TILE (2 * PAIR)
 
 int rwkv7_tile(void) { return TILE; }
 
 /* acc[(g * P + p) * 2 + half] = sum_i x_g[i] * tile(t0 + p * apart)[i][half * VW ...], x_g =
- * x + g * ldx: P tiles (P memory streams) times G token streams, 2 * P * G <= MAX_ACC sums in
- * registers, each a chain along the rows. */
+ * x + g * ldx: P tiles (P memory streams, each read front to back) times G token streams,
+ * 2 * P * G <= MAX_ACC sums in registers. */
 static inline __attribute__((always_inline)) void tiles_pass(const void *M, int kind, int in, int t0, int apart,
                                                             int P, const float *x, int ldx, int G, vec *acc) {
     const size_t tile = (size_t)in * TILE;
@@ -625,6 +608,10 @@ static inline __attribute__((always_inline)) void tiles_pass(const void *M, int 
         for (int g = 0; g < G; g++) xi[g] = v_set1(x[(size_t)g * ldx + i]);
         for (int p = 0; p < P; p++) {
             const size_t at = (size_t)(t0 + p * apart) * tile + (size_t)i * TILE;
+            /* several token streams: ask for each tile PREFETCH_AHEAD bytes ahead, non-temporal,
+             * as the passes over rows did (see dot_rows): K = 4 2.55 -> 2.43 ms a token in the
+             * A/B above; with one stream it made no difference, so one stream does without */
+            if (G > 1) __builtin_prefetch((const char *)M + at * w_bytes(kind) + PREFETCH_AHEAD, 0, 0);
             const vec lo = w_load_half(M, at, 0, kind), hi = w_load_half(M, at, 1, kind);
             for (int g = 0; g < G; g++) {
                 acc[(g * P + p) * 2] = v_fma(lo, xi[g], acc[(g * P + p) * 2]);
@@ -634,48 +621,72 @@ static inline __attribute__((always_inline)) void tiles_pass(const void *M, int 
     }
 }
 
-/* out[b*ldo + c] = sum_i X[b*ldx + i] * M[i, c] for c < cols, every stream b < B, M [in, cols]
- * packed bf16 or int8 in column tiles (int8: X already times the per-row scales). The LoRA
- * up-projections: their rows are 32-128 columns, so as nn.Linear rows (a dot product a row and
- * stream) horizontal sums made most of the work (at K = 4 the 32-wide value LoRA's 32 KB took
- * 17,600 clock cycles); here the sums run down the columns. L12-D512 bf16, A/B: K = 1 2.099 ->
- * 2.071 ms, K = 4 3.414 -> 3.324. Streams in fours over one tile, pairs over two,
- * one over four: always 8 sums. The tiles of a pass lie a run apart (a half or a quarter of
- * the matrix): separate memory streams, each read front to back (see ROW_STREAMS). */
-static void up_tiles(const void *M, int kind, int in, int cols, const float *X, int ldx, int B, float *out,
-                     int ldo) {
-    const int nt = cdiv(cols, TILE);
+/* One pass of P tiles `apart` from tile t for G token streams: P and G constants, so that the
+ * sums stay in registers. */
+static inline __attribute__((always_inline)) void tiles_pass_of(const void *M, int kind, int in, int t,
+                                                               int apart, int P, const float *x, int ldx,
+                                                               int G, vec *acc) {
+    switch (G * 16 + P) {
+#if MAX_ACC >= 16
+    case 4 * 16 + 2: tiles_pass(M, kind, in, t, apart, 2, x, ldx, 4, acc); break;
+    case 2 * 16 + 4: tiles_pass(M, kind, in, t, apart, 4, x, ldx, 2, acc); break;
+    case 1 * 16 + 8: tiles_pass(M, kind, in, t, apart, 8, x, ldx, 1, acc); break;
+#endif
+    case 4 * 16 + 1: tiles_pass(M, kind, in, t, apart, 1, x, ldx, 4, acc); break;
+    case 2 * 16 + 2: tiles_pass(M, kind, in, t, apart, 2, x, ldx, 2, acc); break;
+    case 2 * 16 + 1: tiles_pass(M, kind, in, t, apart, 1, x, ldx, 2, acc); break;
+    case 1 * 16 + 4: tiles_pass(M, kind, in, t, apart, 4, x, ldx, 1, acc); break;
+    case 1 * 16 + 2: tiles_pass(M, kind, in, t, apart, 2, x, ldx, 1, acc); break;
+    default: tiles_pass(M, kind, in, t, apart, 1, x, ldx, 1, acc); break;
+    }
+}
+
+/* Outputs [r0, r1) of a packed W (output tiles; r0 a multiple of TILE, r1 a multiple of TILE
+ * or the last row) times every stream's input: out[b*ldo + row] (op)= W[row, :] . X[b*ldx + :]
+ * (int8: times scale[row]). Token streams in fours, then a pair, then one; the tiles in
+ * passes of as many as the sums allow (half the accumulators: 8 tiles at one stream on
+ * AVX-512), each pass taking the next tile of every run of tiles. */
+static inline __attribute__((always_inline)) void linear_tiles_kind(
+        const void *W, const float *scale, int kind, int in, const float *X, int ldx, int B,
+        float *out, int ldo, int r0, int r1, int mode) {
     vec acc[MAX_ACC];
+    const int t_end = cdiv(r1, TILE);
     for (int b = 0; b < B;) {
-        const int G = B - b >= 4 ? 4 : B - b >= 2 ? 2 : 1, P = 4 / G, run = nt / P;
+        const int G = B - b >= 4 ? 4 : B - b >= 2 ? 2 : 1, most = MAX_ACC / 2 / G;
         const float *x = X + (size_t)b * ldx;
-        for (int t = 0; t < nt; t++) {
-            const int whole = t < run; /* tiles t, t + run, ... in one pass; the rest one at a time */
-            if (!whole && t < P * run) continue;
-            const int np = whole ? P : 1, apart = whole ? run : 0;
-            if (G == 4) tiles_pass(M, kind, in, t, 0, 1, x, ldx, 4, acc);
-            else if (G == 2 && whole) tiles_pass(M, kind, in, t, apart, 2, x, ldx, 2, acc);
-            else if (G == 2) tiles_pass(M, kind, in, t, 0, 1, x, ldx, 2, acc);
-            else if (whole) tiles_pass(M, kind, in, t, apart, 4, x, ldx, 1, acc);
-            else tiles_pass(M, kind, in, t, 0, 1, x, ldx, 1, acc);
-            for (int g = 0; g < G; g++)
-                for (int p = 0; p < np; p++) {
-                    const int c0 = (t + p * apart) * TILE;
-                    const vec lo = acc[(g * np + p) * 2], hi = acc[(g * np + p) * 2 + 1];
-                    float *o = out + (size_t)(b + g) * ldo + c0;
-                    if (c0 + TILE <= cols) {
-                        v_store(o, lo);
-                        v_store(o + VW, hi);
-                    } else { /* the last tile holds padding columns */
-                        float tmp[TILE];
-                        v_store(tmp, lo);
-                        v_store(tmp + VW, hi);
-                        memcpy(o, tmp, sizeof(float) * (size_t)(cols - c0));
+        for (int t = r0 / TILE; t < t_end;) {
+            int P = most;
+            while (P > t_end - t) P /= 2;
+            const int run = (t_end - t) / P; /* tiles t + p * run + u, u < run, are run p */
+            for (int u = 0; u < run; u++) {
+                tiles_pass_of(W, kind, in, t + u, run, P, x, ldx, G, acc);
+                for (int g = 0; g < G; g++)
+                    for (int p = 0; p < P; p++) {
+                        const int c0 = (t + u + p * run) * TILE, n = r1 - c0 < TILE ? r1 - c0 : TILE;
+                        float sums[TILE], *o = out + (size_t)(b + g) * ldo + c0;
+                        v_store(sums, acc[(g * P + p) * 2]);
+                        v_store(sums + VW, acc[(g * P + p) * 2 + 1]);
+                        for (int q = 0; q < n; q++) emit(o + q, scale ? sums[q] * scale[c0 + q] : sums[q], mode);
                     }
-                }
+            }
+            t += run * P;
         }
         b += G;
     }
+}
+
+/* linear_tiles_kind, one specialised copy per packed format. */
+static void linear_tiles(const void *W, const float *scale, int kind, int in, const float *X, int ldx, int B,
+                         float *out, int ldo, int r0, int r1, int mode) {
+    if (kind == W_BF16) linear_tiles_kind(W, NULL, W_BF16, in, X, ldx, B, out, ldo, r0, r1, mode);
+    else linear_tiles_kind(W, scale, W_INT8, in, X, ldx, B, out, ldo, r0, r1, mode);
+}
+
+/* nn.Linear outputs [r0, r1) in the job's storage: the model's float32 rows, or output tiles. */
+static void matvec(int kind, const void *W, const float *scale, int in, const float *X, int ldx, int B,
+                   float *out, int ldo, int r0, int r1, int mode) {
+    if (kind == W_FP32) linear_rows(W, in, X, ldx, B, out, ldo, r0, r1, mode);
+    else linear_tiles(W, scale, kind, in, X, ldx, B, out, ldo, r0, r1, mode);
 }
 
 /* ---------------------------------------------------------------------------- WKV, one head */
@@ -816,12 +827,12 @@ static void ln_chunk(const Job *j, const float *w, const float *b_, int b, int b
 }
 
 /* Columns [lo, hi) of X M for every stream, M [in, cols] a LoRA matrix: out[b*ldo + c] =
- * X[b*ldx + :] . M[:, c]. Packed, M is stored as its transpose and read as nn.Linear rows (all
- * streams in one pass); float32, it is the model's own, read by column blocks, stream by stream. */
+ * X[b*ldx + :] . M[:, c]. Packed, M is stored as its transpose in output tiles (all streams in
+ * one pass); float32, it is the model's own, read by column blocks, stream by stream. */
 static void lora_columns(const Job *j, const void *M, const float *scale, int in, int cols, const float *X,
                          int ldx, float *out, int ldo, int lo, int hi) {
     if (j->wkind != W_FP32) {
-        linear_rows(M, scale, j->wkind, in, X, ldx, j->B, out, ldo, lo, hi, OUT_STORE);
+        linear_tiles(M, scale, j->wkind, in, X, ldx, j->B, out, ldo, lo, hi, OUT_STORE);
         return;
     }
     for (int b = 0; b < j->B; b++)
@@ -853,14 +864,7 @@ static void lora_chain(const Job *j, const float *const *P, const float *const *
         if (q == 0) for (int i = 0; i < dims[q]; i++) h[i] = tanhf(h[i]);
         if (q == 3) sigmoid_bias(NULL, h, dims[q]);
     }
-    if (j->wkind == W_FP32) {
-        lora_columns(j, P[up[q]], S[up[q]], dims[q], C, hidden, Dsum, outs[q], C, 0, C);
-    } else {
-        if (j->wkind == W_INT8) /* per-row scales of the tiled matrix: one per hidden unit */
-            for (int b = 0; b < j->B; b++)
-                for (int i = 0; i < dims[q]; i++) hidden[(size_t)b * Dsum + i] *= S[up[q]][i];
-        up_tiles(P[up[q]], j->wkind, dims[q], C, hidden, Dsum, j->B, outs[q], C);
-    }
+    lora_columns(j, P[up[q]], S[up[q]], dims[q], C, hidden, Dsum, outs[q], C, 0, C);
     for (int b = 0; b < j->B; b++) {
         float *o = outs[q] + (size_t)b * C;
         if (q == 0) decay_of(P[P_W0], o, C);
@@ -971,8 +975,7 @@ static int run_chunk(const Job *j, int p, int c, int k) {
     }
     if (p == phase_count(j) - 1) {
         rows_of(c, k, j->row_chunk_c, d[D_V], &lo, &hi);
-        linear_rows(G[G_HEAD], j->scales[G_HEAD], j->wkind, C, bf->h1, C, B, j->logits, d[D_V], lo, hi,
-                    OUT_STORE);
+        matvec(j->wkind, G[G_HEAD], j->scales[G_HEAD], C, bf->h1, C, B, j->logits, d[D_V], lo, hi, OUT_STORE);
         return k;
     }
     const int layer = (p - 1) / PER_LAYER_PHASES;
@@ -1005,7 +1008,7 @@ static int run_chunk(const Job *j, int p, int c, int k) {
         float *outs[3] = {bf->r, bf->k, bf->v};
         const int m = k < per - c % per ? k : per - c % per; /* not past this matrix */
         rows_of(c % per, m, j->row_chunk_c, C, &lo, &hi);
-        linear_rows(P[weight[which]], S[weight[which]], wk, C, bf->mix + mix[which] * BC, C, B, outs[which], C, lo, hi, OUT_STORE);
+        matvec(wk, P[weight[which]], S[weight[which]], C, bf->mix + mix[which] * BC, C, B, outs[which], C, lo, hi, OUT_STORE);
         return m;
     }
     case K_HEADS:
@@ -1013,7 +1016,7 @@ static int run_chunk(const Job *j, int p, int c, int k) {
         return 1;
     case K_OUT:
         rows_of(c, k, j->row_chunk_c, C, &lo, &hi);
-        linear_rows(P[P_WO], S[P_WO], wk, C, bf->yg, C, B, bf->x, C, lo, hi, OUT_ADD);
+        matvec(wk, P[P_WO], S[P_WO], C, bf->yg, C, B, bf->x, C, lo, hi, OUT_ADD);
         return k;
     case K_LN2: {
         int b = c / ln_blocks;
@@ -1026,11 +1029,11 @@ static int run_chunk(const Job *j, int p, int c, int k) {
     }
     case K_FFN_KEY:
         rows_of(c, k, j->row_chunk_c, F, &lo, &hi);
-        linear_rows(P[P_FFN_KEY], S[P_FFN_KEY], wk, C, bf->kx, C, B, bf->hid, F, lo, hi, OUT_RELU_SQ);
+        matvec(wk, P[P_FFN_KEY], S[P_FFN_KEY], C, bf->kx, C, B, bf->hid, F, lo, hi, OUT_RELU_SQ);
         return k;
     default: /* K_FFN_VALUE; the ln2 phase, the only reader of the ffn shift, is over */
         rows_of(c, k, j->row_chunk_f, C, &lo, &hi);
-        linear_rows(P[P_FFN_VALUE], S[P_FFN_VALUE], wk, F, bf->hid, F, B, bf->x, C, lo, hi, OUT_ADD);
+        matvec(wk, P[P_FFN_VALUE], S[P_FFN_VALUE], F, bf->hid, F, B, bf->x, C, lo, hi, OUT_ADD);
         for (int b = 0; b < B; b++)
             memcpy(shift1 + (size_t)b * C + lo, bf->h2 + (size_t)b * C + lo, sizeof(float) * (hi - lo));
         return k;
@@ -1389,7 +1392,12 @@ int64_t rwkv7_scratch_floats(const int32_t *d, int32_t batch) {
     return B * (23 * C + d[D_DW] + d[D_DA] + d[D_DV] + d[D_DG] + d[D_F]);
 }
 
-static int round_rows(int x) { return x < ROW_STREAMS ? ROW_STREAMS : x / ROW_STREAMS * ROW_STREAMS; }
+/* Rows of a matvec chunk reading `in` inputs stored as `kind`: about CHUNK_BYTES of weights, in
+ * whole runs of rows (float32) or whole tiles (packed). */
+static int chunk_rows(int in, int kind) {
+    const int unit = kind == W_FP32 ? ROW_STREAMS : TILE, rows = CHUNK_BYTES / (in * (int)w_bytes(kind));
+    return rows < unit ? unit : rows / unit * unit;
+}
 
 /* One token for `batch` streams. dims: see D_*; eps: {layer-norm eps, GroupNorm eps};
  * params: the LAYOUT table, where the matrices marked '*' are stored as `weights` (W_FP32,
@@ -1421,8 +1429,8 @@ int rwkv7_step(const int32_t *dims, const float *eps, const float *const *params
     j.wkv = wkv;
     j.logits = logits;
     const int C = dims[D_C], F = dims[D_F];
-    j.row_chunk_c = round_rows(CHUNK_BYTES / (int)(row_stride(C, weights) * w_bytes(weights)));
-    j.row_chunk_f = round_rows(CHUNK_BYTES / (int)(row_stride(F, weights) * w_bytes(weights)));
+    j.row_chunk_c = chunk_rows(C, weights);
+    j.row_chunk_f = chunk_rows(F, weights);
     /* Each chunk of a layer-norm phase computes the norm's statistics over all C channels, so
      * blocks of 128 channels computed them C / 128 times a stream: whole rows up to 512
      * channels took K = 4 from 3.49 to 3.45 ms a token (L12-D512 bf16, A/B). */
