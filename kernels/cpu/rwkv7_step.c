@@ -271,7 +271,7 @@ int rwkv7_threads(void) {
 
 /* ---------------------------------------------------------------------------- small pieces */
 
-#define ROW_STREAMS 8 /* runs of rows a matvec pass reads at once; see linear_rows_kind */
+#define ROW_STREAMS 8 /* runs of rows a float32 matvec pass (and the read pass) reads at once; see linear_rows */
 
 static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 
