@@ -184,7 +184,7 @@ static inline vec w_load_half(const void *w, size_t base, int hi, int kind) {
 }
 #endif
 
-/* The pair distance of packed bf16 rows in this build (cpu_step.py packs to it). */
+/* The pair distance of packed bf16 weights in this build (cpu_step.py packs to it). */
 int rwkv7_bf16_pair(void) { return PAIR; }
 
 static inline size_t w_bytes(int kind) { return kind == W_BF16 ? 2 : kind == W_INT8 ? 1 : 4; }
