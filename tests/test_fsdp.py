@@ -23,7 +23,7 @@ import os, sys, torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from model.rwkv7 import RWKV7, ModelConfig
-from train.loop import UNUSED_PARAMS, WindowLoss, param_groups, shard_fully
+from train.loop import UNUSED_PARAMS, WindowLoss, leave_process_group, param_groups, shard_fully
 
 torch.set_num_threads(1)
 out = sys.argv[1]
@@ -57,9 +57,7 @@ for step in range(data.shape[0]):
 weights = {{n: full(p.detach()).clone() for n, p in model.named_parameters()}}
 if rank == 0:
     torch.save({{"grads": grads, "weights": weights}}, out)
-if world > 1:  # as train.loop.distributed_cleanup: a rank that tore gloo down while the other
-    dist.barrier()  # still used it (rank 0 saving) aborted with "terminate called without an
-    dist.destroy_process_group()  # active exception" on a loaded machine
+leave_process_group()  # as `train` does: no rank tears gloo down while another still uses it
 """
 
 

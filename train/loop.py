@@ -496,16 +496,27 @@ class Trainer:
 
 @contextlib.contextmanager
 def distributed_cleanup():
-    """Destroy the process group on the way out. On a normal exit every rank first waits for
-    the others at a barrier: a rank that tore down gloo while another still used it aborted
-    ("terminate called without an active exception") on a loaded machine. After an error there
-    is no barrier, since the other ranks may never reach it."""
+    """Destroy the process group on the way out: on a normal exit through
+    `leave_process_group`; after an error at once, since the other ranks may never arrive."""
     try:
         yield
     except BaseException:
         if dist.is_initialized():
             dist.destroy_process_group()
         raise
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Wait until every rank is here, then destroy the process group. The wait goes through the
+    rendezvous store, not a collective: a rank that tore down gloo while another still used it
+    aborted ("terminate called without an active exception") on a loaded machine, and a gloo
+    barrier first only made that rarer (1 run in 10 with two busy loops): its own last messages
+    may still be in flight when the faster rank destroys its context (pytorch/gloo#155). Once
+    every rank has set its key, each has finished its last collective, so nothing is in flight."""
+    if not dist.is_initialized():
+        return
+    store = dist.distributed_c10d._get_default_store()  # the one init_process_group rendezvoused on
+    store.set(f"leave/{dist.get_rank()}", "1")
+    store.wait([f"leave/{rank}" for rank in range(dist.get_world_size())])
+    dist.destroy_process_group()
