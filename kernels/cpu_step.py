@@ -119,6 +119,13 @@ class CpuStepLibrary:
         threads = "threads" if self.threads else "one thread"
         return f"{self.simd}, {threads}, {' '.join(self.flags)}"
 
+    def round_trip_ns(self, trips: int = 2000) -> float | None:
+        """Mean nanoseconds a cache line takes from this thread to a new one and back, both
+        spinning (up to `trips` times, at most about 50 ms): how far apart two cores are now.
+        None for a build without threads."""
+        ns = self.cdll.rwkv7_round_trip_ns(trips)
+        return ns if ns > 0 else None
+
     def phase_times(self) -> dict[str, tuple[float, float]]:
         """Per kind of phase, (wall seconds, busy seconds summed over threads) of every step
         since the last call, which resets them. Needs a `load_library(profile=True)` build."""
@@ -265,6 +272,8 @@ def _describe(path: Path, cdll: ctypes.CDLL, flags: tuple[str, ...]) -> CpuStepL
     cdll.rwkv7_thread_policy.restype = None
     cdll.rwkv7_thread_policy.argtypes = [ctypes.c_void_p]
     cdll.rwkv7_tile.restype = ctypes.c_int
+    cdll.rwkv7_round_trip_ns.restype = ctypes.c_double
+    cdll.rwkv7_round_trip_ns.argtypes = [ctypes.c_int32]
     packable, transposed = set(), set()
 
     def parse(section: str) -> tuple[tuple[str, tuple[str, ...]], ...]:

@@ -338,6 +338,17 @@ def test_bench_step_smoke():
     assert all(config["ratio"][w] > 0 and config["x_floor"][w] > 0 for w in formats)
     assert config["bytes_per_token"]["int8"] < config["bytes_per_token"]["bf16"] < config["bytes_per_token"]["fp32"]
     assert config["streams_ratio"]["2"] > 0
+    # a round trip between two threads in each round (at most about 50 ms: a busy machine ends it early)
+    assert len(config["round_trip_ns"]) == 2 and all(0 < t < 1e8 for t in config["round_trip_ns"])
+
+
+@needs_cc
+def test_round_trip_between_two_threads_is_timed(monkeypatch):
+    # bench step's note on where the threads ran: a real round trip, one trip or many
+    library = cpu_step.load_library()
+    assert all(0 < library.round_trip_ns(trips) < 1e8 for trips in (1, 500))
+    monkeypatch.setenv(cpu_step.COMPILER_ENV, "cc -DRWKV7_NO_THREADS")
+    assert cpu_step.load_library().round_trip_ns() is None  # nobody to pass the line to
 
 
 @needs_cc

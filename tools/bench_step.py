@@ -21,7 +21,9 @@ rounds so that load from other work hits all of them alike:
   read once for all K).
 
 Every ratio is the median over rounds of two times taken in the same round: kernel / package,
-kernel / read pass (x floor), K streams / one stream.
+kernel / read pass (x floor), K streams / one stream. Each round also times a cache line's
+round trip between two threads: on a machine whose cores sit on several chiplets (or sockets)
+a read on two threads far apart gets two memory links, and the floor drops with it.
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ class ConfigResult:
     x_floor: dict[str, float] = field(default_factory=dict)  # kernel / read pass per format
     streams_ratio: dict[str, float] = field(default_factory=dict)  # "K" -> K streams / one stream
     llama_ratio: dict[str, float] = field(default_factory=dict)  # kernel / llama.cpp per format
+    round_trip_ns: list[float] = field(default_factory=list)  # two threads' round trip, each round
     target_weights: str = DEFAULT_WEIGHTS
     targets: dict[str, dict] = field(default_factory=dict)  # name -> {value, target, passed}
     passed: bool | None = None
@@ -377,7 +380,14 @@ def measure_cpu_config(name: str, n_layer: int, n_embd: int,
                 fn(i)
         pos += WARMUP_TOKENS
         res.rounds_ms = {key: [] for key in impls}
+        library = next((k.library for k in kernels.values() if k is not None), None)
         for r in range(args.rounds):
+            # Where the two threads run decides the floor (see print_cpu_table). Timed after a
+            # pause, when the helper threads of the kernel and of torch have stopped spinning.
+            time.sleep(0.05)
+            trip = library.round_trip_ns() if library is not None else None
+            if trip is not None:
+                res.round_trip_ns.append(trip)
             # Rotate the order so no implementation always runs right after another one.
             keys = list(impls)
             keys = keys[r % len(keys):] + keys[:r % len(keys)]
@@ -458,6 +468,12 @@ def print_cpu_table(report: dict, results: list[ConfigResult]) -> None:
     print("read = a plain pass over the same bytes, the faster of 1 and all threads (the bandwidth floor);"
           " x floor = kernel / read;"
           " ratio = kernel (or the row's step) / package")
+    for r in results:
+        if r.round_trip_ns:
+            trips = ", ".join(f"{t:.0f}" for t in r.round_trip_ns)
+            print(f"{r.config}: two threads' round trip per round {trips} ns; several times the usual value means "
+                  "they ran on two chiplets (or sockets), where the read gets two memory links "
+                  "(docs/cpu-step.md, ninth run)")
     if any(r.streams_ratio for r in results):
         print()
         counts = sorted({int(k) for r in results for k in r.streams_ratio})

@@ -1396,6 +1396,62 @@ static void run_chosen(const Job *j, int32_t nthreads, ThreadTimes *times) {
 
 /* ---------------------------------------------------------------------------- entry points */
 
+#ifdef RWKV7_THREADS
+static _Alignas(64) _Atomic int32_t g_ball;
+
+static void *echo_ball(void *arg) {
+    const int32_t trips = *(const int32_t *)arg;
+    for (int32_t i = 0; i < trips; i++) {
+        int32_t v;
+        while ((v = atomic_load_explicit(&g_ball, memory_order_acquire)) != 2 * i + 1)
+            if (v < 0) return NULL; /* the caller ran out of time */
+            else cpu_relax();
+        atomic_store_explicit(&g_ball, 2 * i + 2, memory_order_release);
+    }
+    return NULL;
+}
+#endif
+
+/* Mean nanoseconds of `trips` round trips of one cache line between the calling thread and a new
+ * one, both spinning: how far apart two cores of this machine are at the moment. On one chiplet
+ * of a Zen 4 CPU about 60-70 ns, between two 300+ ns; bench step prints it beside its floor,
+ * which two chiplets' memory links make faster (docs/cpu-step.md). It stops early after 50 ms
+ * (a busy machine: the other thread descheduled), averaging the trips made. -1 without threads. */
+double rwkv7_round_trip_ns(int32_t trips) {
+#ifdef RWKV7_THREADS
+    static pthread_mutex_t one_at_a_time = PTHREAD_MUTEX_INITIALIZER;
+    pthread_t echo;
+    if (trips < 1) return -1.0;
+    pthread_mutex_lock(&one_at_a_time);
+    atomic_store(&g_ball, 0);
+    if (pthread_create(&echo, NULL, echo_ball, &trips) != 0) {
+        pthread_mutex_unlock(&one_at_a_time);
+        return -1.0;
+    }
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    double ns = 0.0;
+    int32_t made = 0;
+    while (made < trips) {
+        atomic_store_explicit(&g_ball, 2 * made + 1, memory_order_release);
+        while (atomic_load_explicit(&g_ball, memory_order_acquire) != 2 * made + 2) cpu_relax();
+        made++;
+        if (made % 64 == 0 || made == trips) {
+            clock_gettime(CLOCK_MONOTONIC, &t1);
+            ns = (double)(t1.tv_sec - t0.tv_sec) * 1e9 + (double)(t1.tv_nsec - t0.tv_nsec);
+            if (ns > 50e6) break;
+        }
+    }
+    atomic_store_explicit(&g_ball, -1, memory_order_release); /* lets the echo go if it waits */
+    pthread_join(echo, NULL);
+    pthread_mutex_unlock(&one_at_a_time);
+    return ns / made;
+#else
+    (void)trips;
+    return -1.0;
+#endif
+}
+
 /* The floor of a step: read `n` floats once, cut into the same ~64 KB chunks and run by the same
  * threads and scheduler as a step (nthreads and times as in rwkv7_step), with a plain
  * vectorised sum. sums: one float per chunk, ceil(n / 16384). Returns 0, -1 for too many chunks. */
