@@ -622,10 +622,14 @@ static inline __attribute__((always_inline)) void tiles_pass(const void *M, int 
         for (int g = 0; g < G; g++) xi[g] = v_set1(x[(size_t)g * ldx + i]);
         for (int p = 0; p < P; p++) {
             const size_t at = (size_t)(t0 + p * apart) * tile + (size_t)i * TILE;
-            /* several token streams: ask for each tile PREFETCH_AHEAD bytes ahead, non-temporal,
-             * as the passes over rows did (see dot_rows): K = 4 2.55 -> 2.43 ms a token in the
-             * A/B above; with one stream it made no difference, so one stream does without */
-            if (G > 1) __builtin_prefetch((const char *)M + at * w_bytes(kind) + PREFETCH_AHEAD, 0, 0);
+            /* Several token streams: ask for each tile PREFETCH_AHEAD bytes ahead: K = 4 2.55 ->
+             * 2.43 ms a token in the A/B above. As prefetcht1 (locality 2) rather than
+             * non-temporal, as the passes over rows had it (see dot_rows): K = 4 2.50 -> 2.35 and
+             * 2.48 -> 2.39 ms with both threads on one chiplet, 2.64 -> 2.54 and 2.68 -> 2.65 on
+             * two (two A/Bs of 30 rounds, sorted by the threads' round trip); prefetcht2 the
+             * same, 8 or 16 KB ahead slower. With one stream
+             * any prefetch made it slower (see the ninth run in docs/cpu-step.md). */
+            if (G > 1) __builtin_prefetch((const char *)M + at * w_bytes(kind) + PREFETCH_AHEAD, 0, 2);
             const vec lo = w_load_half(M, at, 0, kind), hi = w_load_half(M, at, 1, kind);
             for (int g = 0; g < G; g++) {
                 acc[(g * P + p) * 2] = v_fma(lo, xi[g], acc[(g * P + p) * 2]);
