@@ -271,7 +271,8 @@ int rwkv7_threads(void) {
 
 /* ---------------------------------------------------------------------------- small pieces */
 
-#define ROW_STREAMS 8 /* runs of rows a float32 matvec pass (and the read pass) reads at once; see linear_rows */
+/* runs of rows a float32 matvec pass (and the read pass) reads at once; see linear_rows */
+#define ROW_STREAMS 8
 
 static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 
@@ -470,10 +471,11 @@ static inline __attribute__((always_inline)) void dot_rows(const float *const *w
     for (; i + 4 * VW <= in; i += 4 * VW) {
         /* With several token streams the pass is busy with FMAs and the hardware prefetcher
          * falls behind: asking for each row PREFETCH_AHEAD bytes ahead took K = 4 from 5.31 to
-         * 4.99 ms a token (L12-D512, when bf16 was read as rows). As a non-temporal prefetch (locality 0) the weights,
-         * read once a token, no longer push the recurrent state and the activations out of
-         * the L3 cache: 3.87 -> 3.68 ms, the heads phase 0.42 -> 0.31 ms. With one stream the same
-         * in every row only slowed the pass down (2.09 -> 2.2-2.9 ms at 256 B to 4 KB ahead). */
+         * 4.99 ms a token (L12-D512, when bf16 was read as rows). As a non-temporal prefetch
+         * (locality 0) the weights, read once a token, no longer pushed the recurrent state and
+         * the activations out of the L3 cache: 3.87 -> 3.68 ms, the heads phase 0.42 -> 0.31
+         * ms (Zen 2). With one stream the same in every row only slowed the pass down (2.09 ->
+         * 2.2-2.9 ms at 256 B to 4 KB ahead). */
         if (G > 1)
             for (int q = 0; q < R; q++)
                 __builtin_prefetch((const char *)(w[q] + i) + PREFETCH_AHEAD, 0, 0);
@@ -627,8 +629,8 @@ static inline __attribute__((always_inline)) void tiles_pass(const void *M, int 
              * non-temporal, as the passes over rows had it (see dot_rows): K = 4 2.50 -> 2.35 and
              * 2.48 -> 2.39 ms with both threads on one chiplet, 2.64 -> 2.54 and 2.68 -> 2.65 on
              * two (two A/Bs of 30 rounds, sorted by the threads' round trip); prefetcht2 the
-             * same, 8 or 16 KB ahead slower. With one stream
-             * any prefetch made it slower (see the ninth run in docs/cpu-step.md). */
+             * same, 8 or 16 KB ahead slower. With one stream any prefetch made it slower (see
+             * the ninth run in docs/cpu-step.md). */
             if (G > 1) __builtin_prefetch((const char *)M + at * w_bytes(kind) + PREFETCH_AHEAD, 0, 2);
             const vec lo = w_load_half(M, at, 0, kind), hi = w_load_half(M, at, 1, kind);
             for (int g = 0; g < G; g++) {
