@@ -26,9 +26,10 @@ stand for, so a test can run the PyTorch reference step on exactly the weights t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch is imported where it is used: the names below serve every CLI command
+    from torch import Tensor
 
 # The names the settings use, and the codes the C side uses (W_FP32, W_BF16, W_INT8).
 WEIGHT_FORMATS: dict[str, int] = {"fp32": 0, "bf16": 1, "int8": 2}
@@ -64,12 +65,14 @@ def check_format(weights: str) -> str:
     return weights
 
 
-@torch.no_grad()
 def pack(matrix: Tensor, weights: str, bf16_pair: int = 1, tile: int = 2) -> PackedMatrix:
     """A float32 matrix [rows, cols] (nn.Linear form: rows are outputs) in format `weights`:
     fp32 the matrix itself; bf16 or int8 a new tensor of output tiles of `tile` rows, bf16
     paired `bf16_pair` apart (the kernel's `CpuStepLibrary.bf16_pair` and `tile`)."""
+    import torch
+
     check_format(weights)
+    matrix = matrix.detach()
     rows, cols = matrix.shape
     if weights == "fp32":
         return PackedMatrix(matrix, rows, cols)
@@ -91,10 +94,11 @@ def pack(matrix: Tensor, weights: str, bf16_pair: int = 1, tile: int = 2) -> Pac
     return PackedMatrix(data.contiguous().view(tiles, cols, tile), rows, cols, scale, bf16_pair, tile)
 
 
-@torch.no_grad()
 def unpack(packed: PackedMatrix) -> Tensor:
     """The float32 matrix [rows, cols] that the packed bytes stand for."""
-    data = packed.data
+    import torch
+
+    data = packed.data.detach()
     if data.dtype == torch.float32:
         return data.clone()
     tiles, cols, tile = data.shape

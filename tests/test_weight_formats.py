@@ -8,6 +8,8 @@ kernel; how far that is from the float32 model is a property of the format, repo
 
 import copy
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -81,6 +83,15 @@ def test_weight_formats_pack_unpack():
         pack(w, "fp16")
     with pytest.raises(ValueError, match="pairs"):
         pack(w, "bf16", 8, 32)
+
+
+def test_the_format_names_and_every_command_line_parser_leave_torch_unimported():
+    # `rwkv-music watch` and every --help build the whole parser, which names the formats: with
+    # torch imported on the way they took about 3 s to start (and longer on a busy machine)
+    code = ("import sys; from kernels.weight_formats import DEFAULT_WEIGHTS; from tools.cli import build_parser; "
+            "build_parser(); sys.exit('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:] or "torch was imported"
 
 
 @pytest.mark.parametrize("weights", PACKED)
