@@ -310,6 +310,7 @@ def measure_cpu_config(name: str, n_layer: int, n_embd: int,
     res = ConfigResult(name, n_layer, n_embd, weights_mb=sum(p.numel() for p in model.parameters()) * 4 / 1e6,
                        target_weights=args.target_weights)
     kernels = {w: CpuStepKernel.for_model(model, w) for w in args.weights_list}
+    library = next((k.library for k in kernels.values() if k is not None), None)
     n_total = AGREEMENT_TOKENS + WARMUP_TOKENS + args.tokens * args.rounds
     gen = torch.Generator().manual_seed(args.seed + 1)
     streams = args.streams_list if kernels[args.target_weights] is not None else [1]
@@ -380,7 +381,6 @@ def measure_cpu_config(name: str, n_layer: int, n_embd: int,
                 fn(i)
         pos += WARMUP_TOKENS
         res.rounds_ms = {key: [] for key in impls}
-        library = next((k.library for k in kernels.values() if k is not None), None)
         for r in range(args.rounds):
             # Where the two threads run decides the floor (see print_cpu_table). Timed after a
             # pause, when the helper threads of the kernel and of torch have stopped spinning.
@@ -422,8 +422,7 @@ def measure_cpu_config(name: str, n_layer: int, n_embd: int,
         res.targets[key] = {"value": value, "target": target, "passed": None if value is None else value <= target}
     if res.targets:
         res.passed = all(t["passed"] is not False for t in res.targets.values())
-    description = next((k.library.describe() for k in kernels.values() if k is not None), None)
-    return res, description
+    return res, library.describe() if library is not None else None
 
 
 @contextlib.contextmanager

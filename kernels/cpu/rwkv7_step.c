@@ -1422,36 +1422,34 @@ static void *echo_ball(void *arg) {
  * one, both spinning: how far apart two cores of this machine are at the moment. On one chiplet
  * of a Zen 4 CPU about 60-70 ns, between two 300+ ns; bench step prints it beside its floor,
  * which two chiplets' memory links make faster (docs/cpu-step.md). It stops early after 50 ms
- * (a busy machine: the other thread descheduled), averaging the trips made. -1 without threads. */
+ * (a busy machine: the other thread descheduled), averaging the trips made. Serialised with
+ * the steps (g_call_lock), so that none runs beside it. -1 without threads. */
 double rwkv7_round_trip_ns(int32_t trips) {
 #ifdef RWKV7_THREADS
-    static pthread_mutex_t one_at_a_time = PTHREAD_MUTEX_INITIALIZER;
     pthread_t echo;
     if (trips < 1) return -1.0;
-    pthread_mutex_lock(&one_at_a_time);
+    pthread_mutex_lock(&g_call_lock);
     atomic_store(&g_ball, 0);
     if (pthread_create(&echo, NULL, echo_ball, &trips) != 0) {
-        pthread_mutex_unlock(&one_at_a_time);
+        pthread_mutex_unlock(&g_call_lock);
         return -1.0;
     }
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    double ns = 0.0;
+    const int64_t start = now_ns();
+    int64_t ns = 0;
     int32_t made = 0;
     while (made < trips) {
         atomic_store_explicit(&g_ball, 2 * made + 1, memory_order_release);
         while (atomic_load_explicit(&g_ball, memory_order_acquire) != 2 * made + 2) cpu_relax();
         made++;
         if (made % 64 == 0 || made == trips) {
-            clock_gettime(CLOCK_MONOTONIC, &t1);
-            ns = (double)(t1.tv_sec - t0.tv_sec) * 1e9 + (double)(t1.tv_nsec - t0.tv_nsec);
-            if (ns > 50e6) break;
+            ns = now_ns() - start;
+            if (ns > 50000000) break;
         }
     }
     atomic_store_explicit(&g_ball, -1, memory_order_release); /* lets the echo go if it waits */
     pthread_join(echo, NULL);
-    pthread_mutex_unlock(&one_at_a_time);
-    return ns / made;
+    pthread_mutex_unlock(&g_call_lock);
+    return (double)ns / made;
 #else
     (void)trips;
     return -1.0;
