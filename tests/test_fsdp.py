@@ -62,7 +62,8 @@ leave_process_group()  # as `train` does: no rank tears gloo down while another 
 
 
 def run(args: list[str], out: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # TMPDIR: torchrun's agent leaves a torchelastic_* folder in the temporary directory.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TMPDIR": str(out.parent)}
     proc = subprocess.Popen([*args, str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env, start_new_session=True)
     try:

@@ -103,7 +103,8 @@ with distributed_cleanup():
 def torchrun(script: Path, *args: str) -> None:
     # A worker that dies of a signal prints its Python stack (seen once under load: rank 0 ended
     # with SIGSEGV on resume, with nothing to say where).
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    # TMPDIR: torchrun's agent leaves a torchelastic_* folder in the temporary directory.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", "TMPDIR": str(script.parent)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          str(script), *args],
