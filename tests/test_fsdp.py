@@ -3,13 +3,12 @@ gradients and the same weights after a few AdamW steps."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from tests.fixtures.torchrun import TORCHRUN, run_to_end
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -62,17 +61,7 @@ leave_process_group()  # as `train` does: no rank tears gloo down while another 
 
 
 def run(args: list[str], out: Path) -> None:
-    # TMPDIR: torchrun's agent leaves a torchelastic_* folder in the temporary directory.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TMPDIR": str(out.parent)}
-    proc = subprocess.Popen([*args, str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:  # never leave worker processes behind
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, output[-3000:]
+    output = run_to_end([*args, str(out)], out.parent, {"PYTHONPATH": str(ROOT)})
     assert "view" not in output.lower(), output[-3000:]  # FSDP's warning about outputs that are views
 
 
@@ -84,8 +73,7 @@ def test_fsdp_two_processes_match_one_process_on_the_same_global_batch(tmp_path)
     script = tmp_path / "fsdp_vs_single.py"
     script.write_text(SCRIPT)
     run([sys.executable, str(script)], tmp_path / "single.pt")
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
-        tmp_path / "fsdp.pt")
+    run([*TORCHRUN, str(script)], tmp_path / "fsdp.pt")
     single = torch.load(tmp_path / "single.pt")
     sharded = torch.load(tmp_path / "fsdp.pt")
     assert single["grads"].keys() == sharded["grads"].keys() and len(single["grads"]) > 20

@@ -1,7 +1,6 @@
 """The trainer end to end on real corpus pieces: loss falls, checkpoints load, exact resume, DDP."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from model import RWKV7, load
+from tests.fixtures.torchrun import TORCHRUN, run_to_end
 from tools.cli import main as cli_main
 
 TINY = ["--set", "model.n_layer=2", "--set", "model.n_embd=64", "--set", "train.batch_size=4",
@@ -103,19 +103,7 @@ with distributed_cleanup():
 def torchrun(script: Path, *args: str) -> None:
     # A worker that dies of a signal prints its Python stack (seen once under load: rank 0 ended
     # with SIGSEGV on resume, with nothing to say where).
-    # TMPDIR: torchrun's agent leaves a torchelastic_* folder in the temporary directory.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", "TMPDIR": str(script.parent)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(script), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:  # never leave the worker processes behind
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, out[-3000:]
+    run_to_end([*TORCHRUN, str(script), *args], script.parent, {"PYTHONFAULTHANDLER": "1"})
 
 
 def test_train_ddp_two_cpu_processes_keep_identical_weights(prepared, tmp_path):
