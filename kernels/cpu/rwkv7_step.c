@@ -19,10 +19,12 @@
  * value; then ln_out; head), each cut into small chunks (a block of about 64 KB of weight rows,
  * a whole LoRA, a head, a block of channels). The calling thread and
  * the helper threads claim chunks from one shared counter; whoever finishes the last chunk of
- * a phase opens the next. Nobody waits for a thread that has not claimed anything, so on a
- * busy machine a descheduled helper costs at most the claim it holds (its share of what was
- * left of the phase, see work), never a whole barrier: the calling thread does the rest.
- * Helpers spin briefly between tokens, then sleep.
+ * a phase opens the next (a layer norm of one chunk it runs itself first, see runs_inline).
+ * The calling thread claims from the front of a phase, the first helper from its back, so each
+ * reads the same rows token after token (see work). Nobody waits for a thread that has not
+ * claimed anything, so on a busy machine a descheduled helper costs at most the claim it holds
+ * (its share of what was left of the phase), never a whole barrier: the calling thread does the
+ * rest. Helpers spin briefly between tokens, then sleep.
  *
  * Layouts (torch fp32, contiguous, unless packed):
  *   nn.Linear weight [out, in] (packed: output tiles [out / TILE][in][TILE], out padded to
@@ -845,6 +847,19 @@ static int phase_chunks(const Job *j, int p) {
     }
 }
 
+/* Whether the job's phases and each phase's chunks fit the shared counter (see work). */
+#define MAX_PHASES 0xFFF
+#define MAX_CHUNKS 0xFFFF
+static int fits_counters(const Job *j) {
+    const int n = phase_count(j);
+    if (n > MAX_PHASES) return 0;
+    for (int p = 0; p < n; p++) {
+        if (p == 1 + PER_LAYER_PHASES && n > p + 2) p = n - 2; /* the other layers are alike */
+        if (phase_chunks(j, p) > MAX_CHUNKS) return 0;
+    }
+    return 1;
+}
+
 /* Layer norm of stream b's residual on the channels of chunk `blk`, which [lo, hi) receives. */
 static void ln_chunk(const Job *j, const float *w, const float *b_, int b, int blk, float *out,
                      int *lo, int *hi) {
@@ -1073,14 +1088,19 @@ static int run_chunk(const Job *j, int p, int c, int k) {
 
 /* ---------------------------------------------------------------------------- scheduling */
 
-/* The shared counters pack (epoch, phase, chunk): 24, 16 and 24 bits. `next` hands out chunks
- * of the open phase, `done` counts the finished ones; the thread that finishes a phase's last
+/* Two shared counters. `next` packs (epoch, phase, front, back): 20, 12, 16 and 16 bits; the
+ * open phase's chunks not handed out yet are [front, back). `done` packs (epoch, phase, chunk):
+ * 24, 16 and 24 bits, and counts the phase's finished chunks; the thread that finishes its last
  * chunk opens the next phase. A thread holding another epoch's view sees the mismatch and
  * leaves, so a job never waits for a thread that has not claimed one of its chunks. */
 #define PACK(e, p, c) (((uint64_t)((e) & 0xFFFFFFu) << 40) | ((uint64_t)(p) << 24) | (uint64_t)(c))
-#define EPOCH_OF(v) ((uint32_t)((v) >> 40))
-#define PHASE_OF(v) ((int)(((v) >> 24) & 0xFFFFu))
 #define CHUNK_OF(v) ((int)((v) & 0xFFFFFFu))
+#define NEXT(e, p, f, b) \
+    (((uint64_t)((e) & 0xFFFFFu) << 44) | ((uint64_t)(p) << 32) | ((uint64_t)(f) << 16) | (uint64_t)(b))
+#define NEXT_EPOCH(v) ((uint32_t)((v) >> 44))
+#define NEXT_PHASE(v) ((int)(((v) >> 32) & 0xFFFu))
+#define NEXT_FRONT(v) ((int)(((v) >> 16) & 0xFFFFu))
+#define NEXT_BACK(v) ((int)((v) & 0xFFFFu))
 
 static _Alignas(64) _Atomic uint64_t g_next;
 static _Alignas(64) _Atomic uint64_t g_done;
@@ -1148,7 +1168,23 @@ int rwkv7_profile(double *out) {
 #endif
 }
 
-/* Run chunks [c, c + k) of phase p and count them done; the last one opens the next phase. */
+/* Whether phase q is run whole by the thread that opens it, before opening the one after: a
+ * layer norm of one chunk (one stream at C <= 512). Only one thread could run it anyway, and
+ * handing it over cost a round trip between the threads and the residual's lines fetched by
+ * whoever claimed it: ln1 and ln2 at 2 % of a token (L12-D512 bf16, one stream, `bench phases`).
+ * A/B, 191 rounds of 60 tokens: 0.987 of the time (0.982 with both cores on one chiplet, 0.991
+ * on two). */
+static int runs_inline(const Job *j, int q) {
+    if (j->read_buf || q == 0 || phase_chunks(j, q) != 1) return 0;
+    const int n = phase_count(j);
+    if (q == n - 2) return 1; /* ln_out */
+    if (q == n - 1) return 0; /* the head */
+    const int kind = (q - 1) % PER_LAYER_PHASES;
+    return kind == K_LN1 || kind == K_LN2;
+}
+
+/* Run chunks [c, c + k) of phase p and count them done; the last one opens the next phase (after
+ * running it, and so on, while it runs_inline). */
 static void run_and_finish(const Job *j, uint32_t epoch, int p, int c, int k, int n) {
 #ifdef RWKV7_PROFILE
     const int64_t start = prof_now();
@@ -1166,9 +1202,19 @@ static void run_and_finish(const Job *j, uint32_t epoch, int p, int c, int k, in
         g_prof_wall_ns[prof_kind(j, p)] += end - g_prof_phase_start;
         g_prof_phase_start = end;
 #endif
-        uint64_t open = PACK(epoch, p + 1, 0);
-        atomic_store_explicit(&g_done, open, memory_order_relaxed);
-        atomic_store_explicit(&g_next, open, memory_order_release);
+        int q = p + 1;
+        for (; q < phase_count(j) && runs_inline(j, q); q++) {
+            run_chunk(j, q, 0, 1);
+#ifdef RWKV7_PROFILE
+            const int64_t at = prof_now();
+            g_prof_wall_ns[prof_kind(j, q)] += at - g_prof_phase_start;
+            atomic_fetch_add_explicit(&g_prof_busy_ns[prof_kind(j, q)], at - g_prof_phase_start, memory_order_relaxed);
+            g_prof_phase_start = at;
+#endif
+        }
+        const int chunks = q < phase_count(j) ? phase_chunks(j, q) : 0;
+        atomic_store_explicit(&g_done, PACK(epoch, q, 0), memory_order_relaxed);
+        atomic_store_explicit(&g_next, NEXT(epoch, q, 0, chunks), memory_order_release);
     }
 }
 
@@ -1180,32 +1226,51 @@ static int claimed_alone(const Job *j, int p, int c) {
 }
 
 /* Claim and run chunks until the job is over (0) or it is not this epoch's job any more (-1).
- * A claim takes one thread's share of what is left of the phase, (n - c) / threads chunks, at
- * least one: large claims early in a phase (long runs of rows, few atomics on the shared
- * counters), single chunks at its end, so that the threads finish it together. Claiming every
- * chunk alone cost about 0.35 us a 64 KB chunk, a contended atomic and eight memory streams
- * started afresh: 2.95 against 2.45 ms a token at L12-D512 bf16 on 2 threads. Half or a
- * quarter of a share per claim measured in between. */
-static int work(const Job *j, uint32_t epoch) {
+ * A claim takes one thread's share of what is left of the phase, (back - front) / threads
+ * chunks, at least one: large claims early in a phase (long runs of rows, few atomics on the
+ * shared counter), single chunks at its end, so that the threads finish it together. Claiming
+ * every chunk alone cost about 0.35 us a 64 KB chunk, a contended atomic and eight memory
+ * streams started afresh: 2.95 against 2.45 ms a token at L12-D512 bf16 on 2 threads. Half or a
+ * quarter of a share per claim measured in between.
+ *
+ * Thread `thread` (0 the caller) claims from the front of what is left when it is even, from
+ * the back when it is odd. So with two threads each one reads about the same rows of every
+ * matrix, and runs the same heads, token after token, whoever opened the phase: on a machine
+ * whose two cores sit on two chiplets (two L3 caches) a thread finds part of its rows still in
+ * its own L3. Handing out halves by who came first moved them between the chiplets. A/B at
+ * L12-D512 bf16, one stream, 600 rounds of 60 tokens: 0.962 of the time on two chiplets (95 %
+ * interval 0.947-0.974), 0.989 on one (0.984-0.996). */
+static int work(const Job *j, uint32_t epoch, int thread) {
     const int n_phases = phase_count(j), threads = 1 + j->helpers;
+    const int from_back = thread & 1;
     int spins = 0;
     for (;;) {
         uint64_t v = atomic_load_explicit(&g_next, memory_order_acquire);
-        if (EPOCH_OF(v) != (epoch & 0xFFFFFFu)) return -1;
-        const int p = PHASE_OF(v), c = CHUNK_OF(v);
+        if (NEXT_EPOCH(v) != (epoch & 0xFFFFFu)) return -1;
+        const int p = NEXT_PHASE(v), front = NEXT_FRONT(v), back = NEXT_BACK(v);
         if (p >= n_phases) return 0;
-        const int n = phase_chunks(j, p);
-        if (c >= n) { /* all handed out: wait for the holders to finish */
+        if (front >= back) { /* all handed out: wait for the holders to finish */
             backoff(&spins);
             continue;
         }
-        int k = (n - c) / threads;
-        if (k < 1 || claimed_alone(j, p, c)) k = 1;
-        if (!atomic_compare_exchange_weak_explicit(&g_next, &v, v + (uint64_t)k, memory_order_acq_rel,
+        int k = (back - front) / threads, c;
+        if (k < 1) k = 1;
+        uint64_t claimed;
+        if (!from_back) {
+            c = front;
+            if (claimed_alone(j, p, c)) k = 1;
+            claimed = NEXT(epoch, p, front + k, back);
+        } else {
+            if (claimed_alone(j, p, back - 1)) k = 1;
+            else if (claimed_alone(j, p, back - k)) k = back - LORA_CHAINS; /* not into the LoRAs */
+            c = back - k;
+            claimed = NEXT(epoch, p, front, c);
+        }
+        if (!atomic_compare_exchange_weak_explicit(&g_next, &v, claimed, memory_order_acq_rel,
                                                    memory_order_acquire))
             continue;
         spins = 0;
-        run_and_finish(j, epoch, p, c, k, n);
+        run_and_finish(j, epoch, p, c, k, phase_chunks(j, p));
     }
 }
 
@@ -1249,7 +1314,7 @@ static void *helper_main(void *arg) {
         }
         seen = e;
         const Job *j = &g_jobs[e & 1];
-        if (id < j->helpers) work(j, e);
+        if (id < j->helpers) work(j, e, id + 1);
     }
     return NULL;
 }
@@ -1282,16 +1347,15 @@ static void run_job(const Job *proto, int nthreads) {
     Job *j = &g_jobs[e & 1];
     *j = *proto;
     j->helpers = nthreads > 1 ? ensure_helpers(nthreads - 1) : 0;
-    uint64_t open = PACK(e, 0, 0);
-    atomic_store_explicit(&g_done, open, memory_order_relaxed);
-    atomic_store_explicit(&g_next, open, memory_order_release);
+    atomic_store_explicit(&g_done, PACK(e, 0, 0), memory_order_relaxed);
+    atomic_store_explicit(&g_next, NEXT(e, 0, 0, phase_chunks(j, 0)), memory_order_release);
     atomic_store(&g_epoch, e); /* sequentially consistent against a helper going to sleep */
     if (j->helpers > 0 && atomic_load(&g_sleepers) > 0) {
         pthread_mutex_lock(&g_sleep_lock);
         pthread_cond_broadcast(&g_wake);
         pthread_mutex_unlock(&g_sleep_lock);
     }
-    work(j, e);
+    work(j, e, 0);
     pthread_mutex_unlock(&g_call_lock);
 }
 
@@ -1302,10 +1366,9 @@ static void run_job(const Job *proto, int nthreads) {
     static uint32_t epoch;
     epoch++;
     Job j = *proto;
-    uint64_t open = PACK(epoch, 0, 0);
-    atomic_store(&g_done, open);
-    atomic_store(&g_next, open);
-    work(&j, epoch);
+    atomic_store(&g_done, PACK(epoch, 0, 0));
+    atomic_store(&g_next, NEXT(epoch, 0, 0, phase_chunks(&j, 0)));
+    work(&j, epoch, 0);
 }
 
 #endif
@@ -1461,7 +1524,7 @@ double rwkv7_round_trip_ns(int32_t trips) {
  * vectorised sum. sums: one float per chunk, ceil(n / 16384). Returns 0, -1 for too many chunks. */
 int rwkv7_read_pass(const float *buf, int64_t n, float *sums, int32_t nthreads, ThreadTimes *times) {
     if (n < 1) return 0;
-    if ((n + ROW_CHUNK_FLOATS - 1) / ROW_CHUNK_FLOATS > 0xFFFFFF) return -1;
+    if ((n + ROW_CHUNK_FLOATS - 1) / ROW_CHUNK_FLOATS > MAX_CHUNKS) return -1;
     Job j;
     memset(&j, 0, sizeof j);
     j.read_buf = buf;
@@ -1549,7 +1612,7 @@ int rwkv7_step(const int32_t *dims, const float *eps, const float *const *params
     j.buf.head_tmp = p; p += 4 * BC;
     j.buf.lora = p; p += (size_t)batch * (dims[D_DW] + dims[D_DA] + dims[D_DV] + dims[D_DG]);
     j.buf.hid = p; p += (size_t)batch * F;
-    if (phase_count(&j) > 0xFFFF) return -1; /* more layers than the phase counter holds */
+    if (!fits_counters(&j)) return -1; /* more layers or chunks than the shared counter holds */
     run_chosen(&j, nthreads, times);
     return 0;
 }
