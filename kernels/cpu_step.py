@@ -592,7 +592,9 @@ class CpuStepKernel:
         if status == -2:
             raise CpuStepUnavailableError(f"the library does not know weight format {self.weights!r}")
         if status < 0:
-            raise CpuStepUnavailableError(f"{binding.dims['L']} layers is more than the kernel schedules")
+            raise CpuStepUnavailableError(
+                f"{binding.dims['L']} layers at {batch} streams is more than the kernel schedules "
+                "(at most 584 layers and 65,535 chunks a phase)")
         if status:
             bad = int(idx[status - 1])
             raise CpuStepInputError("idx", f"token id {bad} is out of range [0, {binding.dims['V']})")

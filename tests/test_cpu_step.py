@@ -430,3 +430,17 @@ def test_thread_choice_starts_over_when_the_thread_count_changes():
     assert choice.choose(4) == 4
     # torch.set_num_threads(2): the times of 4 threads say nothing about 2, so both are tried
     assert [choice.choose(2) for _ in range(choice.warmup)] == [1] * choice.warmup
+
+
+@needs_cc
+def test_cpu_step_refuses_more_layers_than_its_scheduler_counts():
+    # The shared counter holds 4,095 phases: 1 + 7 per layer + 2, so 584 layers fit and 585 do not.
+    # The state must come through unchanged: a refused step has not run.
+    model = RWKV7(ModelConfig(n_layer=585, n_embd=64, vocab_size=16))
+    kernel = CpuStepKernel.for_model(model)
+    assert kernel is not None
+    state = model.init_state(1)
+    before = state.wkv.clone()
+    with pytest.raises(cpu_step.CpuStepUnavailableError, match="585 layers at 1 streams"):
+        kernel.step(torch.tensor([3]), *tensors_of(state))
+    assert torch.equal(state.wkv, before)
