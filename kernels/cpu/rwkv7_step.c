@@ -1089,12 +1089,11 @@ static int run_chunk(const Job *j, int p, int c, int k) {
 /* ---------------------------------------------------------------------------- scheduling */
 
 /* Two shared counters. `next` packs (epoch, phase, front, back): 20, 12, 16 and 16 bits; the
- * open phase's chunks not handed out yet are [front, back). `done` packs (epoch, phase, chunk):
- * 24, 16 and 24 bits, and counts the phase's finished chunks; the thread that finishes its last
- * chunk opens the next phase. A thread holding another epoch's view sees the mismatch and
- * leaves, so a job never waits for a thread that has not claimed one of its chunks. */
-#define PACK(e, p, c) (((uint64_t)((e) & 0xFFFFFFu) << 40) | ((uint64_t)(p) << 24) | (uint64_t)(c))
-#define CHUNK_OF(v) ((int)((v) & 0xFFFFFFu))
+ * open phase's chunks not handed out yet are [front, back). A thread holding another epoch's
+ * view sees the mismatch and leaves, so a job never waits for a thread that has not claimed one
+ * of its chunks. `done` counts the open phase's finished chunks; the thread that finishes its
+ * last chunk opens the next phase and sets it to 0. Only threads holding a claim of the open
+ * phase add to it (no phase ends while a claim of it runs), so it needs no epoch or phase. */
 #define NEXT(e, p, f, b) \
     (((uint64_t)((e) & 0xFFFFFu) << 44) | ((uint64_t)(p) << 32) | ((uint64_t)(f) << 16) | (uint64_t)(b))
 #define NEXT_EPOCH(v) ((uint32_t)((v) >> 44))
@@ -1103,7 +1102,7 @@ static int run_chunk(const Job *j, int p, int c, int k) {
 #define NEXT_BACK(v) ((int)((v) & 0xFFFFu))
 
 static _Alignas(64) _Atomic uint64_t g_next;
-static _Alignas(64) _Atomic uint64_t g_done;
+static _Alignas(64) _Atomic int32_t g_done;
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -1142,6 +1141,13 @@ static int64_t prof_now(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* A phase of kind `kind` is over at `at`: its wall time runs from the end of the phase before.
+ * Called only by the thread that ends the phase, the only writer until the next one opens. */
+static void prof_phase_over(int kind, int64_t at) {
+    g_prof_wall_ns[kind] += at - g_prof_phase_start;
+    g_prof_phase_start = at;
 }
 
 static int prof_kind(const Job *j, int p) {
@@ -1195,25 +1201,21 @@ static void run_and_finish(const Job *j, uint32_t epoch, int p, int c, int k, in
     const int64_t end = prof_now();
     atomic_fetch_add_explicit(&g_prof_busy_ns[prof_kind(j, p)], end - start, memory_order_relaxed);
 #endif
-    uint64_t finished = atomic_fetch_add_explicit(&g_done, (uint64_t)k, memory_order_acq_rel) + (uint64_t)k;
-    if (CHUNK_OF(finished) == n) {
+    if (atomic_fetch_add_explicit(&g_done, k, memory_order_acq_rel) + k == n) {
 #ifdef RWKV7_PROFILE
-        /* the only writer until the next phase opens, which the release below orders */
-        g_prof_wall_ns[prof_kind(j, p)] += end - g_prof_phase_start;
-        g_prof_phase_start = end;
+        prof_phase_over(prof_kind(j, p), end);
 #endif
         int q = p + 1;
         for (; q < phase_count(j) && runs_inline(j, q); q++) {
             run_chunk(j, q, 0, 1);
 #ifdef RWKV7_PROFILE
             const int64_t at = prof_now();
-            g_prof_wall_ns[prof_kind(j, q)] += at - g_prof_phase_start;
             atomic_fetch_add_explicit(&g_prof_busy_ns[prof_kind(j, q)], at - g_prof_phase_start, memory_order_relaxed);
-            g_prof_phase_start = at;
+            prof_phase_over(prof_kind(j, q), at);
 #endif
         }
         const int chunks = q < phase_count(j) ? phase_chunks(j, q) : 0;
-        atomic_store_explicit(&g_done, PACK(epoch, q, 0), memory_order_relaxed);
+        atomic_store_explicit(&g_done, 0, memory_order_relaxed);
         atomic_store_explicit(&g_next, NEXT(epoch, q, 0, chunks), memory_order_release);
     }
 }
@@ -1347,7 +1349,7 @@ static void run_job(const Job *proto, int nthreads) {
     Job *j = &g_jobs[e & 1];
     *j = *proto;
     j->helpers = nthreads > 1 ? ensure_helpers(nthreads - 1) : 0;
-    atomic_store_explicit(&g_done, PACK(e, 0, 0), memory_order_relaxed);
+    atomic_store_explicit(&g_done, 0, memory_order_relaxed);
     atomic_store_explicit(&g_next, NEXT(e, 0, 0, phase_chunks(j, 0)), memory_order_release);
     atomic_store(&g_epoch, e); /* sequentially consistent against a helper going to sleep */
     if (j->helpers > 0 && atomic_load(&g_sleepers) > 0) {
@@ -1366,7 +1368,7 @@ static void run_job(const Job *proto, int nthreads) {
     static uint32_t epoch;
     epoch++;
     Job j = *proto;
-    atomic_store(&g_done, PACK(epoch, 0, 0));
+    atomic_store(&g_done, 0);
     atomic_store(&g_next, NEXT(epoch, 0, 0, phase_chunks(&j, 0)));
     work(&j, epoch, 0);
 }
